@@ -1,0 +1,51 @@
+# qatlab: `make run` executes every notebook headless into build/, `make test` runs lint and tests,
+# `make lab` opens JupyterLab. Each target first runs `setup`, which is idempotent and quick when done.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qatlab-installed
+TORCH  := torch==2.13.0
+
+.PHONY: setup data run test lint lab bench clean
+
+setup: $(STAMP) data
+
+# torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The Fashion-MNIST files come from Debian's package; installed only when apt is there and we are root.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -n "$$QATLAB_DATA" ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+		echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+	else \
+		echo "note: Fashion-MNIST not found and apt unavailable; set QATLAB_DATA (see README)"; \
+	fi
+
+lint: setup
+	$(VENV)/bin/ruff check qatlab tests bench
+	$(VENV)/bin/ruff format --check qatlab tests bench
+
+test: lint
+	$(PY) -m pytest
+
+run: setup
+	$(PY) -m qatlab.runner notebooks build
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+bench: setup
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf build

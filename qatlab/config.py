@@ -1,0 +1,192 @@
+"""Quantization settings as validated dataclasses, and the fast-mode switch.
+
+A :class:`QuantSpec` says how one tensor is quantized (bits, symmetry, granularity, range estimation,
+straight-through estimator). A :class:`QATConfig` says how a whole model is prepared: one spec for weights,
+one for activations, the BatchNorm handling and the layers kept in higher precision.
+
+Example:
+    >>> from qatlab import QATConfig, QuantSpec
+    >>> cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True))
+    >>> cfg.weight.qmin, cfg.weight.qmax
+    (-8, 7)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+OBSERVERS = ("minmax", "ema", "percentile", "mse")
+STES = ("clipped", "identity", "lsq", "pact")
+BN_MODES = ("fold", "simulate", "keep")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def fast() -> bool:
+    """True when the environment asks for fast mode (``QATLAB_FAST=1``): small data, short loops."""
+    return os.environ.get("QATLAB_FAST", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        bits: integer bit width, 2..16.
+        symmetric: symmetric range around zero with a signed grid and zero point 0; otherwise an asymmetric
+            unsigned grid ``[0, 2**bits - 1]`` with a zero point.
+        per_channel: one scale per slice along ``ch_axis`` instead of one per tensor.
+        ch_axis: channel axis for per-channel quantization (0 for conv/linear weights).
+        narrow_range: drop the most negative code of a symmetric grid (e.g. -127..127 at 8 bits).
+        observer: range estimator: ``"minmax"``, ``"ema"`` (moving-average min-max), ``"percentile"``, ``"mse"``.
+        ste: straight-through estimator: ``"clipped"`` (gradient 1 inside the range, 0 outside),
+            ``"identity"`` (1 everywhere), ``"lsq"`` (learned scale, Esser et al. 2019) or ``"pact"``
+            (learned clipping value, Choi et al. 2018).
+        averaging_constant: EMA weight of the newest batch for the ``"ema"`` observer.
+        percentile: percentile (0 < p <= 100) of |x| or x kept by the ``"percentile"`` observer.
+
+    Example:
+        >>> QuantSpec(bits=8).qmax
+        255
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: bool = False
+    ch_axis: int = 0
+    narrow_range: bool = False
+    observer: str = "minmax"
+    ste: str = "clipped"
+    averaging_constant: float = 0.01
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(
+                f"bits={self.bits!r} must be an int between {MIN_BITS} and {MAX_BITS}, e.g. bits=8"
+            )
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(
+                f"bits={self.bits} is out of range; fake quantization supports {MIN_BITS}..{MAX_BITS} bits "
+                "(use bits=8 for int8, bits=4 for int4)"
+            )
+        for name in ("symmetric", "per_channel", "narrow_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
+        if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
+            raise TypeError(f"ch_axis={self.ch_axis!r} must be an int (0 for conv/linear weights)")
+        _check_choice("observer", self.observer, OBSERVERS)
+        _check_choice("ste", self.ste, STES)
+        if self.narrow_range and not self.symmetric:
+            raise ValueError(
+                "narrow_range=True needs symmetric=True (it drops the most negative signed code)"
+            )
+        for name in ("averaging_constant", "percentile"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name}={v!r} must be a number")
+        if not (0.0 < self.averaging_constant <= 1.0):
+            raise ValueError(f"averaging_constant={self.averaging_constant!r} must be in (0, 1], e.g. 0.01")
+        if not (math.isfinite(self.percentile) and 0.0 < self.percentile <= 100.0):
+            raise ValueError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code of the grid."""
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code of the grid."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def signed(self) -> bool:
+        return self.symmetric
+
+    @property
+    def learned(self) -> bool:
+        """True when the scale is a trained parameter (LSQ or PACT)."""
+        return self.ste in ("lsq", "pact")
+
+    def with_(self, **changes: object) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+def default_weight_spec() -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=True, per_channel=True, observer="minmax")
+
+
+def default_activation_spec() -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=False, per_channel=False, observer="ema")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How :func:`qatlab.prepare_qat` turns a float model into a QAT model.
+
+    Args:
+        weight: spec for conv/linear weights (default 8-bit symmetric per-channel min-max).
+        activation: spec for the input activations of each quantized layer (default 8-bit asymmetric
+            per-tensor moving average); ``None`` quantizes weights only.
+        bn_mode: ``"fold"`` folds BatchNorm into the conv before QAT; ``"simulate"`` quantizes the folded
+            weight during training with batch-statistics correction (Jacob et al. 2018, Krishnamoorthi 2018);
+            ``"keep"`` leaves BatchNorm separate and folds it only at export.
+        keep: layers left unquantized (or quantized with ``keep_bits``): qualified module names, or the
+            tokens ``"first"`` and ``"last"`` for the first and last quantizable layer.
+        keep_bits: bit width for the ``keep`` layers; ``None`` leaves them in float.
+        fuse_relu: fold a ReLU module that directly follows a conv/BN/linear into the quantized layer.
+
+    Example:
+        >>> cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True), keep=("first", "last"))
+    """
+
+    weight: QuantSpec = field(default_factory=default_weight_spec)
+    activation: QuantSpec | None = field(default_factory=default_activation_spec)
+    bn_mode: str = "simulate"
+    keep: tuple[str, ...] = ()
+    keep_bits: int | None = None
+    fuse_relu: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, QuantSpec):
+            raise TypeError(
+                f"weight={self.weight!r} must be a QuantSpec, e.g. QuantSpec(bits=8, symmetric=True)"
+            )
+        if self.activation is not None and not isinstance(self.activation, QuantSpec):
+            raise TypeError(f"activation={self.activation!r} must be a QuantSpec or None (weights only)")
+        if self.activation is not None and self.activation.per_channel:
+            raise ValueError(
+                "activation.per_channel=True is not supported: activations are quantized per tensor "
+                "(use per_channel=False)"
+            )
+        if self.weight.ste == "pact":
+            raise ValueError("weight.ste='pact' is not supported: PACT learns an activation clip; use 'lsq'")
+        _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        if isinstance(self.keep, str) or not all(isinstance(k, str) for k in self.keep):
+            raise TypeError(f"keep={self.keep!r} must be a tuple of module names, e.g. ('first', 'last')")
+        object.__setattr__(self, "keep", tuple(self.keep))
+        if self.keep_bits is not None:
+            try:
+                QuantSpec(bits=self.keep_bits)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(
+                    f"keep_bits={self.keep_bits!r} is invalid: {exc} (or None to keep float)"
+                ) from None
+
+    def spec_for(self, kind: str, keep: bool) -> QuantSpec | None:
+        """The spec used for ``kind`` ("weight" or "activation") of a layer; ``None`` means float."""
+        _check_choice("kind", kind, ("weight", "activation"))
+        spec = self.weight if kind == "weight" else self.activation
+        if spec is None or not keep:
+            return spec
+        return None if self.keep_bits is None else spec.with_(bits=self.keep_bits)

@@ -1,0 +1,177 @@
+"""Range estimation: the observers that decide which [min, max] a tensor is quantized over.
+
+Four estimators (Nagel et al. 2021, section 3.4), each per tensor or per channel:
+
+- ``minmax``: the running min and max of everything seen. Exact cover, sensitive to outliers.
+- ``ema``: an exponential moving average of each batch's min and max (Jacob et al. 2018); the usual
+  choice for activations during QAT.
+- ``percentile``: the p-th percentile of each batch (of |x| when symmetric), averaged over batches; clips
+  outliers on purpose.
+- ``mse``: the clipping range that minimises the mean squared quantization error of each batch, found by a
+  grid search over shrunk min-max ranges, averaged over batches.
+
+Example:
+    >>> import torch
+    >>> from qatlab.config import QuantSpec
+    >>> obs = make_observer(QuantSpec(bits=8, observer="minmax"))
+    >>> _ = obs(torch.tensor([-1.0, 0.5, 3.0]))
+    >>> obs.min_val, obs.max_val
+    (tensor([-1.]), tensor([3.]))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qatlab.config import QuantSpec
+from qatlab.quant import _axis, fake_quant, qparams
+
+# torch.quantile refuses inputs above 2**24 elements; a strided subsample keeps the estimate and the speed.
+_MAX_QUANTILE_SAMPLES = 1 << 20
+_MSE_GRID = torch.linspace(0.3, 1.0, 36)
+
+
+class Observer(nn.Module):
+    """Base observer: keeps ``min_val``/``max_val`` buffers ((1,) per tensor, (C,) per channel).
+
+    Calling it on a tensor updates the range and returns the tensor unchanged. ``qparams()`` turns the range
+    into (scale, zero_point). The buffers are in the state dict, so a calibrated model saves and loads.
+    """
+
+    def __init__(self, spec: QuantSpec, num_channels: int | None = None) -> None:
+        super().__init__()
+        if spec.per_channel and (num_channels is None or num_channels < 1):
+            raise ValueError(
+                f"num_channels={num_channels!r}: a per-channel observer needs the channel count "
+                "(e.g. conv.out_channels)"
+            )
+        self.spec = spec
+        n = num_channels if spec.per_channel else 1
+        self.register_buffer("min_val", torch.zeros(n))
+        self.register_buffer("max_val", torch.zeros(n))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("num_batches", torch.tensor(0))
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """View ``x`` as rows, one per channel: (C, N) per channel, (1, N) per tensor."""
+        axis = _axis(x, self.spec)
+        if axis < 0:
+            return x.reshape(1, -1)
+        rows = x.transpose(0, axis).reshape(x.shape[axis], -1)
+        if rows.shape[0] != self.min_val.numel():
+            raise ValueError(
+                f"tensor has {rows.shape[0]} channels along ch_axis={self.spec.ch_axis}, "
+                f"but the observer was built for {self.min_val.numel()}"
+            )
+        return rows
+
+    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        return rows.amin(dim=1), rows.amax(dim=1)
+
+    def _combine(self, lo: Tensor, hi: Tensor) -> None:
+        """Merge this batch's range into the running one (subclasses pick the rule)."""
+        self.min_val.copy_(torch.minimum(self.min_val, lo))
+        self.max_val.copy_(torch.maximum(self.max_val, hi))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            raise ValueError(f"cannot observe an empty tensor of shape {tuple(x.shape)}: it has no range")
+        rows = self._rows(x.detach().float())
+        if not torch.isfinite(rows).all():
+            raise ValueError(
+                "observed data contains NaN or inf; quantization ranges must be finite "
+                "(check the calibration data and the model's float outputs)"
+            )
+        lo, hi = self._batch_range(rows)
+        if not bool(self.initialized):
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            self.initialized.fill_(True)
+        else:
+            self._combine(lo, hi)
+        self.num_batches += 1
+        return x
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """(scale, zero_point) for the observed range; raises if nothing was observed yet."""
+        if not bool(self.initialized):
+            raise RuntimeError(
+                "observer has seen no data, so there is no range to quantize with: run calibrate(model, loader) "
+                "or a training step with observers enabled first"
+            )
+        return qparams(self.min_val, self.max_val, self.spec)
+
+    def reset(self) -> None:
+        self.initialized.fill_(False)
+        self.num_batches.zero_()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}, symmetric={self.spec.symmetric}"
+
+
+class MinMaxObserver(Observer):
+    """Running min and max over everything seen."""
+
+
+class EMAObserver(Observer):
+    """Exponential moving average of batch min/max: ``r <- r + c * (r_batch - r)``."""
+
+    def _combine(self, lo: Tensor, hi: Tensor) -> None:
+        c = self.spec.averaging_constant
+        self.min_val.add_(c * (lo - self.min_val))
+        self.max_val.add_(c * (hi - self.max_val))
+
+
+class _AveragingObserver(Observer):
+    """Averages a per-batch range estimate over batches (equal weights)."""
+
+    def _combine(self, lo: Tensor, hi: Tensor) -> None:
+        n = float(self.num_batches)  # batches already merged
+        self.min_val.add_((lo - self.min_val) / (n + 1))
+        self.max_val.add_((hi - self.max_val) / (n + 1))
+
+
+class PercentileObserver(_AveragingObserver):
+    """Per-batch percentile range: of |x| when symmetric, of both tails otherwise."""
+
+    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        if rows.shape[1] > _MAX_QUANTILE_SAMPLES:
+            rows = rows[:, :: rows.shape[1] // _MAX_QUANTILE_SAMPLES + 1]
+        p = self.spec.percentile / 100.0
+        if self.spec.symmetric:
+            amax = torch.quantile(rows.abs(), p, dim=1)
+            return -amax, amax
+        return torch.quantile(rows, 1.0 - p, dim=1), torch.quantile(rows, p, dim=1)
+
+
+class MSEObserver(_AveragingObserver):
+    """Per-batch range minimising ||x - fake_quant(x)||^2 over shrunk min-max ranges (a grid of 36)."""
+
+    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        row_spec = self.spec.with_(per_channel=True, ch_axis=0, ste="clipped")
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for alpha in _MSE_GRID.tolist():
+            s, z = qparams(lo * alpha, hi * alpha, row_spec)
+            err = (fake_quant(rows, s.to(rows.device), z.to(rows.device), row_spec) - rows).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, lo * alpha, best_lo)
+            best_hi = torch.where(better, hi * alpha, best_hi)
+        return best_lo, best_hi
+
+
+OBSERVER_CLASSES: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "ema": EMAObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(spec: QuantSpec, num_channels: int | None = None) -> Observer:
+    """The observer named by ``spec.observer``, sized for ``num_channels`` when per channel."""
+    return OBSERVER_CLASSES[spec.observer](spec, num_channels)

@@ -1,0 +1,113 @@
+"""Execute every notebook headless and write the rendered copies and a summary (``make run``).
+
+``python -m qatlab.runner NOTEBOOK_DIR BUILD_DIR [--fast] [--timeout S]`` runs each ``*.ipynb`` in
+``NOTEBOOK_DIR`` (sorted by name) with its working directory set to ``BUILD_DIR``, so the ONNX files and
+checkpoints a notebook writes land there, and saves the executed notebook to ``BUILD_DIR/notebooks/``.
+``BUILD_DIR/summary.md`` and ``summary.csv`` list each notebook's status and wall time. Files are written
+atomically (temporary file, then rename): an interrupted run never leaves a half-written notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class NotebookResult:
+    notebook: str
+    status: str
+    seconds: float
+    error: str = ""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = False) -> NotebookResult:
+    """Execute one notebook; the executed copy goes to ``build_dir/notebooks/`` even when a cell fails."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(src, as_version=4)
+    out_dir = build_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env_before = os.environ.get("QATLAB_FAST")
+    if fast:
+        os.environ["QATLAB_FAST"] = "1"  # the kernel inherits the environment
+    os.environ["QATLAB_BUILD"] = str(build_dir.resolve())
+    start = time.perf_counter()
+    status, error = "ok", ""
+    try:
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(build_dir)}}
+        )
+        client.execute()
+    except CellExecutionError as exc:
+        status, error = "failed", str(exc).strip().splitlines()[-1][:300]
+    except Exception as exc:  # kernel died, timeout: report it, keep going with the next notebook
+        status, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        if fast:
+            if env_before is None:
+                os.environ.pop("QATLAB_FAST", None)
+            else:
+                os.environ["QATLAB_FAST"] = env_before
+    seconds = time.perf_counter() - start
+    _atomic_write(out_dir / src.name, nbformat.writes(nb))
+    return NotebookResult(src.name, status, round(seconds, 1), error)
+
+
+def write_summary(results: list[NotebookResult], build_dir: Path) -> Path:
+    """``summary.md`` (a table a person reads) and ``summary.csv`` (for tools)."""
+    lines = ["| notebook | status | seconds | error |", "|---|---|---:|---|"]
+    csv = ["notebook,status,seconds,error"]
+    for r in results:
+        lines.append(f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {r.error.replace('|', '/')} |")
+        csv.append(f'{r.notebook},{r.status},{r.seconds:.1f},"{r.error.replace(chr(34), chr(39))}"')
+    total = sum(r.seconds for r in results)
+    lines.append(
+        f"\n{sum(r.status == 'ok' for r in results)}/{len(results)} notebooks ok, {total:.1f} s in total."
+    )
+    _atomic_write(build_dir / "summary.csv", "\n".join(csv) + "\n")
+    path = build_dir / "summary.md"
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qatlab.runner", description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", type=Path, help="folder with the .ipynb files")
+    parser.add_argument("build", type=Path, help="output folder (created)")
+    parser.add_argument("--fast", action="store_true", help="run in fast mode (QATLAB_FAST=1)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell before giving up")
+    args = parser.parse_args(argv)
+    if not args.notebooks.is_dir():
+        print(f"error: notebook folder {args.notebooks} does not exist", file=sys.stderr)
+        return 2
+    sources = sorted(p for p in args.notebooks.glob("*.ipynb") if not p.name.startswith("."))
+    args.build.mkdir(parents=True, exist_ok=True)
+    if not sources:
+        print(f"no notebooks found in {args.notebooks}; nothing to run")
+        write_summary([], args.build)
+        return 0
+    results = []
+    for src in sources:
+        print(f"running {src.name} ...", flush=True)
+        r = run_notebook(src, args.build, timeout=args.timeout, fast=args.fast)
+        print(f"  {r.status} in {r.seconds:.1f} s {r.error}", flush=True)
+        results.append(r)
+    print(f"summary: {write_summary(results, args.build)}")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
