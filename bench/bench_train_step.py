@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import save_report
 from torch import nn
 
 import qatlab
@@ -76,11 +76,7 @@ def main() -> None:
         f"| {r['model']} | {r['threads']} | {r['fp32_ms']:.2f} | {r['qat_ms']:.2f} | {r['ratio']:.2f}x |"
         for r in rows
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path("build/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.md").write_text(text + "\n")
+    save_report(lines, "train_step")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ __all__ = [
     "enable_fake_quant",
     "enable_observers",
     "evaluate",
+    "export_onnx",
     "fake_quant",
     "fast",
     "fit",
@@ -37,14 +38,19 @@ __all__ = [
     "qparams",
     "quantize",
     "sqnr",
+    "verify_onnx",
 ]
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # train.py pulls in pandas and tqdm; import it when first asked for, so `import qatlab` stays light.
-    if name in ("fit", "evaluate"):
-        from qatlab import train
+_LAZY = {"fit": "train", "evaluate": "train", "export_onnx": "export", "verify_onnx": "export"}
 
-        return getattr(train, name)
+
+def __getattr__(name: str):
+    # train.py (pandas, tqdm) and export.py (onnx, onnxruntime) load when first asked for: `import qatlab`
+    # stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"qatlab.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'qatlab' has no attribute {name!r}")

@@ -1,0 +1,474 @@
+"""ONNX export (QuantizeLinear/DequantizeLinear) and ONNX Runtime parity checks: what you trained is what deploys.
+
+``export_onnx`` folds BatchNorm (``prepare.convert``), traces the model with the dynamo exporter and maps
+every ``qatlab::fake_quant`` node to ``QuantizeLinear -> [Clip] -> DequantizeLinear``:
+
+- 8-bit codes use INT8/UINT8; 4-bit per-channel weights use ONNX's INT4/UINT4 types (opset 21); every
+  other width (2, 3, 5-7 bits, and 4-bit per-tensor codes) uses the 8-bit type plus a ``Clip`` to the
+  narrower range (ONNX Runtime has no Clip kernel for 4-bit types). Per-tensor 4-bit codes avoid INT4
+  because of two ONNX Runtime 1.32 bugs found here: ``ReluQuantRewrite`` removes a Relu in front of an
+  INT4 QuantizeLinear with zero point 0 (negative inputs then pass: max diff 2.8 on logits of range ~10),
+  and a UINT4 activation next to an INT8 weight is fused into a QLinearConv that fails to load.
+- Per-channel weights get per-axis Q/DQ; activations per tensor. Learned scales (LSQ, PACT) are exported
+  as the fixed qparams they reached.
+- The bias: ONNX Runtime's graph optimizer quantizes a float Conv/Gemm bias to int32 with scale
+  ``s_in * s_w``. qatlab's layers round the bias to exactly that grid whenever fake quant is on
+  (``modules._QuantLayer._qbias``), so the exported float bias is a fixed point of ORT's rounding and
+  PyTorch and ORT compute the same thing; no ORT optimizer has to be switched off.
+
+``verify_onnx`` runs the file in ONNX Runtime and compares with the PyTorch model; ``ort_integer_kernels``
+and ``time_ort`` show whether ORT really runs integer kernels and what that buys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear
+from qatlab.prepare import convert, quantizers
+
+# Node types that mean "ORT runs this in integer arithmetic" after its graph optimizations.
+INTEGER_KERNELS = (
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "QLinearAdd",
+    "QLinearGlobalAveragePool",
+    "QLinearMul",
+)
+KNOWN_QUANT_MODULES = (QuantConv2d, QuantConvBn2d, QuantLinear)
+MIN_OPSET = 19  # QuantizeLinear with per-axis scales and the saturating types below
+
+
+def _onnx_translation():
+    """The onnxscript function that replaces ``qatlab::fake_quant`` in the exported graph."""
+    from onnx import TensorProto
+    from onnxscript import opset21 as op
+
+    def fake_quant_qdq(
+        x, scale, zero_point, quant_min: int, quant_max: int, axis: int, ste: int, grad_factor: float
+    ):
+        signed = quant_min < 0
+        span = quant_max - quant_min + 1
+        # INT4/UINT4 only for per-axis (weight) codes; per-tensor 4-bit codes use INT8 + Clip (module doc).
+        if span == 16 and axis >= 0:
+            to, container_span = (TensorProto.INT4 if signed else TensorProto.UINT4), 16
+        else:
+            to, container_span = (TensorProto.INT8 if signed else TensorProto.UINT8), 256
+        zp = op.Cast(zero_point, to=to)
+        kw = {"axis": axis} if axis >= 0 else {}
+        q = op.QuantizeLinear(x, scale, zp, **kw)
+        if span != container_span:  # narrower than the container: clip the codes to [quant_min, quant_max]
+            lo = op.Cast(op.Constant(value_int=quant_min), to=to)
+            hi = op.Cast(op.Constant(value_int=quant_max), to=to)
+            q = op.Clip(q, lo, hi)
+        return op.DequantizeLinear(q, scale, zp, **kw)
+
+    return {torch.ops.qatlab.fake_quant.default: fake_quant_qdq}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints, warnings and log lines (e.g. about torchvision ops)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _as_tuple(example: Any) -> tuple[Tensor, ...]:
+    if isinstance(example, Tensor):
+        return (example,)
+    if isinstance(example, (tuple, list)) and example and all(isinstance(t, Tensor) for t in example):
+        return tuple(example)
+    raise TypeError(f"example_input must be a Tensor or a tuple of Tensors, got {type(example).__name__}")
+
+
+def check_exportable(model: nn.Module, opset: int) -> None:
+    """Raise a clear error for what export cannot handle (before spending time tracing)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    qs = list(quantizers(model))
+    if not qs:
+        raise ValueError(
+            "model has no FakeQuantizers: it is a float model. Prepare and calibrate it first "
+            "(qatlab.ptq(model, config, loader) or qatlab.prepare_qat + qatlab.calibrate), then export"
+        )
+    for name, q in qs:
+        if q.fake_quant_enabled and not q.calibrated:
+            raise ValueError(
+                f"quantizer {name!r} was never calibrated (it has no range): run qatlab.calibrate(model, loader) "
+                "or train with observers enabled before exporting"
+            )
+        if q.spec.bits > 8:
+            raise ValueError(
+                f"quantizer {name!r} uses {q.spec.bits} bits; ONNX export supports 2..8 bits "
+                "(keep that layer in float with QATConfig(keep=...) instead)"
+            )
+        if q.spec.bits <= 4 and opset < 21:
+            raise ValueError(
+                f"{q.spec.bits}-bit quantizer {name!r} needs opset >= 21 (INT4/UINT4); got opset={opset}"
+            )
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset={opset} is too old for per-axis QDQ export; use opset=21 (the default)")
+    for name, m in model.named_modules():
+        has_q = any(isinstance(c, FakeQuantizer) for c in m.children())
+        if has_q and not isinstance(m, KNOWN_QUANT_MODULES) and not isinstance(m, FakeQuantizer):
+            raise ValueError(
+                f"module {name!r} of type {type(m).__name__} holds quantizers but export does not know that layer "
+                f"type; known: {', '.join(t.__name__ for t in KNOWN_QUANT_MODULES)}"
+            )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor | tuple[Tensor, ...],
+    dynamic_batch: bool = True,
+    opset: int = 21,
+    dynamic_dims: dict[int, str] | None = None,
+    input_names: tuple[str, ...] | None = None,
+    output_names: tuple[str, ...] = ("output",),
+) -> Path:
+    """Export a prepared (calibrated or trained) model to an ONNX QDQ file; BatchNorm is folded first.
+
+    The training batch and the export batch are independent (the AIMET lesson): the example is cut to
+    batch 1 and the batch axis is dynamic, so the file runs at any batch size. ``dynamic_batch=False``
+    fixes the batch to the example's first dimension as given.
+
+    Args:
+        model: a model from ``prepare_qat``/``ptq`` after calibration or QAT.
+        path: the ``.onnx`` file to write; its folder must exist.
+        example_input: one input tensor (or a tuple for several inputs) of the right shape.
+        dynamic_batch: make dimension 0 of every input dynamic.
+        opset: ONNX opset; 21 (default) has the INT4/UINT4 types 4-bit export needs.
+        dynamic_dims: more dynamic dimensions of every input, e.g. ``{1: "sequence"}`` for token ids.
+        input_names, output_names: graph input/output names (default ``input``, ``input_1``, ...).
+
+    Returns:
+        The path written. The file passes ``onnx.checker.check_model(..., full_check=True)``.
+
+    Example:
+        >>> export_onnx(qat_model, "build/cnn_w8a8.onnx", torch.randn(1, 1, 28, 28))  # doctest: +SKIP
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"folder {str(path.parent)!r} does not exist; create it first (Path(...).mkdir(parents=True))"
+        )
+    check_exportable(model, opset)
+    inputs = _as_tuple(example_input)
+    if dynamic_batch:
+        inputs = tuple(t[:1] for t in inputs)
+    deployed = convert(model)
+    device = next((p.device for p in deployed.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in inputs)
+    names = (
+        tuple(input_names)
+        if input_names
+        else tuple("input" if i == 0 else f"input_{i}" for i in range(len(inputs)))
+    )
+    dynamic_shapes = None
+    if dynamic_batch or dynamic_dims:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        extra = {d: torch.export.Dim(n, min=1, max=1 << 16) for d, n in (dynamic_dims or {}).items()}
+        dynamic_shapes = tuple(({0: batch} if dynamic_batch else {}) | extra for _ in inputs)
+    with _quiet():
+        program = torch.onnx.export(
+            deployed,
+            inputs,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            input_names=list(names),
+            output_names=list(output_names),
+            custom_translation_table=_onnx_translation(),
+            verbose=False,
+        )
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp))
+    os.replace(tmp, path)  # never leave a half-written file behind
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX Runtime side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ort_session(
+    path: str | os.PathLike, threads: int = 1, optimized_path: str | None = None, optimize: bool = True
+):
+    """An ONNX Runtime CPU session; one intra-op thread by default (spinning threads hurt on 2 vCPUs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feed(session, inputs: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
+    meta = session.get_inputs()
+    if len(meta) != len(inputs):
+        raise ValueError(f"the ONNX file takes {len(meta)} inputs, got {len(inputs)}")
+    feed = {}
+    for m, t in zip(meta, inputs, strict=True):
+        want = m.shape
+        for i, (w, got) in enumerate(zip(want, t.shape, strict=False)):
+            if isinstance(w, int) and w != got:
+                what = "batch" if i == 0 else f"dimension {i}"
+                raise ValueError(
+                    f"input {m.name!r} has a static {what} of {w} in the ONNX file but the inputs have {got}; "
+                    f"feed {what} {w}, or re-export with dynamic_batch=True (or dynamic_dims) for other sizes"
+                )
+        feed[m.name] = t.detach().cpu().numpy()
+    return feed
+
+
+@torch.no_grad()
+def flip_lsb(model: nn.Module, inputs: tuple[Tensor, ...]) -> float:
+    """The output step of one input-code flip in the last quantized layer: ``s_in * max|W_q|``.
+
+    A rounding tie that PyTorch and ORT break differently moves one code of a layer's input by one; in the
+    last layer that moves an output by at most this much. Flips in earlier layers propagate, so a few
+    of these steps are normal for an 8-bit model that ORT runs with integer kernels.
+    """
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(m))
+        for m in model.modules()
+        if isinstance(m, KNOWN_QUANT_MODULES)
+    ]
+    try:
+        model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    last = order[-1]
+    s_in = last.input_quant.scale.max() if last.input_quant is not None else torch.tensor(0.0)
+    w = last.folded()[0] if isinstance(last, QuantConvBn2d) else last.weight
+    return float(s_in * w.abs().max()) or float(torch.finfo(torch.float32).eps)
+
+
+def output_lsb(reference: np.ndarray) -> float:
+    """One step of an 8-bit grid over the reference output's range: ``(max - min) / 255``.
+
+    The lab's models end in a float layer (logits), so "one output LSB" is the resolution an int8 output
+    would have. Rounding flips stay well below it; a wrong scale, zero point or bias does not.
+    """
+    span = float(reference.max() - reference.min()) if reference.size else 0.0
+    return span / 255 if span > 0 else float(np.finfo(np.float32).eps)
+
+
+def _argmax_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, int]:
+    """Fraction of rows whose ORT argmax is also a maximum of the PyTorch row, and how many rows tie.
+
+    Coarse grids (2-3 bits) give exactly equal logits; which of two equal values is "the" argmax is then
+    decided by float noise, so ORT picking the other one of a tie counts as agreement (and as a tie).
+    """
+    if ref.ndim < 2 or ref.shape[-1] < 2:
+        return float("nan"), 0
+    ref2, out2 = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+    rows = np.arange(ref2.shape[0])
+    tol = 1e-5 * (1.0 + float(np.abs(ref2).max()))
+    picked = ref2[rows, out2.argmax(-1)]
+    best = ref2.max(-1)
+    agree = picked >= best - tol
+    ties = int(((out2.argmax(-1) != ref2.argmax(-1)) & agree).sum())
+    return float(agree.mean()), ties
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Tensor | tuple[Tensor, ...],
+    tol_lsb: float = 1.0,
+    min_agreement: float = 0.999,
+    threads: int = 1,
+    layerwise: bool = False,
+) -> dict[str, Any]:
+    """Run ``path`` in ONNX Runtime on ``inputs`` and compare with the deployed PyTorch model.
+
+    The reference is ``convert(model)`` (BatchNorm folded, observers frozen), i.e. what was exported.
+
+    Returns:
+        A dict with ``max_abs_diff``, ``output_lsb`` (see :func:`output_lsb`), ``diff_in_lsb``,
+        ``flip_lsb`` and ``diff_in_flips`` (the stricter unit of :func:`flip_lsb`),
+        ``argmax_agreement`` (for outputs with a class dimension, else NaN; exact ties count as agreement,
+        ``argmax_ties`` says how many), ``passed``
+        (``diff_in_lsb <= tol_lsb`` and agreement ``>= min_agreement``), ``n`` and, with ``layerwise=True``,
+        ``layers``: a pandas DataFrame, one row per quantized layer in execution order, with its max abs
+        diff, so a mismatch can be traced to the layer where it starts.
+    """
+    inputs = _as_tuple(inputs)
+    deployed = convert(model)
+    device = next((p.device for p in deployed.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        ref = deployed(*(t.to(device) for t in inputs))
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
+    session = ort_session(path, threads=threads)
+    out = session.run(None, _feed(session, inputs))[0]
+    diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+    lsb = output_lsb(ref)
+    flip = flip_lsb(deployed, tuple(t.to(device) for t in inputs))
+    agreement, ties = _argmax_agreement(ref, out)
+    result = {
+        "max_abs_diff": diff,
+        "output_lsb": lsb,
+        "diff_in_lsb": diff / lsb,
+        "flip_lsb": flip,
+        "diff_in_flips": diff / flip,
+        "argmax_agreement": agreement,
+        "argmax_ties": ties,
+        "n": int(inputs[0].shape[0]),
+    }
+    result["passed"] = bool(
+        result["diff_in_lsb"] <= tol_lsb and (np.isnan(agreement) or agreement >= min_agreement)
+    )
+    if layerwise:
+        result["layers"] = compare_layers(deployed, path, inputs, threads=threads)
+    return result
+
+
+def compare_layers(
+    deployed: nn.Module, path: str | os.PathLike, inputs: tuple[Tensor, ...], threads: int = 1
+):
+    """Max abs diff between PyTorch and ORT at the output of every quantized layer, in execution order.
+
+    Each layer's output in the ONNX graph is found from the exporter's ``name_scopes`` metadata (the last
+    node inside that module), made a graph output, and run unoptimized so nothing is fused away.
+    """
+    import onnx
+    import pandas as pd
+
+    captured: dict[str, Tensor] = {}
+    names = {m: n for n, m in deployed.named_modules()}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: captured.setdefault(names[m], o.detach().cpu()))
+        for m in deployed.modules()
+        if isinstance(m, KNOWN_QUANT_MODULES)
+    ]
+    try:
+        with torch.no_grad():
+            deployed(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    proto = onnx.load(str(path))
+    last_output: dict[str, str] = {}
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes is None:
+            continue
+        for layer in captured:
+            if f"'{layer}'" in scopes:
+                last_output[layer] = node.output[0]
+    existing = {o.name for o in proto.graph.output}
+    for value in last_output.values():
+        if value not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(probe))
+        session = ort_session(probe, threads=threads, optimize=False)
+        values = dict(
+            zip(
+                [o.name for o in session.get_outputs()],
+                session.run(None, _feed(session, inputs)),
+                strict=True,
+            )
+        )
+    rows = []
+    for layer, ref in captured.items():
+        ort_val = values.get(last_output.get(layer, ""), None)
+        diff = float(np.abs(ort_val - ref.numpy()).max()) if ort_val is not None else float("nan")
+        rows.append({"layer": layer, "onnx_value": last_output.get(layer, ""), "max_abs_diff": diff})
+    return pd.DataFrame(rows)
+
+
+def ort_integer_kernels(path: str | os.PathLike) -> dict[str, int]:
+    """Counts of node types after ORT's graph optimizations; integer kernels listed in ``INTEGER_KERNELS``.
+
+    A QDQ model whose count of integer kernels is 0 runs in float: ORT found no Q/DQ pattern to fuse.
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized_path=str(optimized))
+        counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return dict(counts)
+
+
+def integer_kernel_count(counts: dict[str, int]) -> int:
+    return sum(v for k, v in counts.items() if k in INTEGER_KERNELS)
+
+
+def export_float_onnx(
+    model: nn.Module, path: str | os.PathLike, example_input: Tensor, opset: int = 21
+) -> Path:
+    """Export a float model (dynamic batch) as the FP32 baseline for timing."""
+    path = Path(path)
+    inputs = _as_tuple(example_input)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with _quiet():
+        program = torch.onnx.export(
+            model.eval(),
+            tuple(t[:1] for t in inputs),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            input_names=["input"],
+            output_names=["output"],
+        )
+    program.save(str(path))
+    return path
+
+
+def time_ort(
+    paths: dict[str, str | os.PathLike], inputs: Tensor, repeats: int = 50, threads: int = 1
+) -> dict[str, float]:
+    """Median ORT latency (ms) of several files on the same input, runs interleaved so load hits all alike."""
+    sessions = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+    feeds = {k: _feed(s, (inputs,)) for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():  # warm-up
+        for _ in range(3):
+            s.run(None, feeds[k])
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}

@@ -1,0 +1,203 @@
+"""ONNX QDQ export: ORT parity across models, bit widths and granularities; dynamic batch; errors."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qatlab
+from qatlab import QATConfig, QuantSpec
+from qatlab.data import digits_loaders
+from qatlab.export import (
+    export_onnx,
+    integer_kernel_count,
+    ort_integer_kernels,
+    verify_onnx,
+)
+from qatlab.models import build_model
+from qatlab.modules import FakeQuantizer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = digits_loaders(batch_size=64, seed=0)
+    x_test = torch.cat([x for x, _ in test])  # (450, 1, 8, 8)
+    return train, x_test
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """Each lab model briefly trained on digits: a trained head avoids near-tie logits."""
+    train, _ = digits
+    models = {}
+    for name in ("cnn", "dwcnn", "mlp", "resnet"):
+        torch.manual_seed(0)
+        model = build_model(name, **({"in_features": 64, "hidden": (64, 32)} if name == "mlp" else {}))
+        qatlab.fit(model, train, epochs=2, lr=0.05, progress=False)
+        models[name] = model.eval()
+    return models
+
+
+GRIDS = [  # (per_channel, symmetric) for weights
+    (True, True),
+    (False, False),
+]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("name", ["cnn", "dwcnn", "mlp", "resnet"])
+def test_parity_models_bits(trained, digits, tmp_path, name, bits):
+    train, x_test = digits
+    for per_channel, symmetric in GRIDS:
+        cfg = QATConfig(
+            weight=QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel),
+            activation=QuantSpec(bits=bits, symmetric=False),
+        )
+        model = qatlab.ptq(trained[name], cfg, train, num_batches=4)
+        path = export_onnx(model, tmp_path / f"{name}_{bits}.onnx", x_test[:1])
+        onnx.checker.check_model(str(path), full_check=True)
+        r = verify_onnx(model, path, x_test)
+        assert r["n"] == 450
+        assert r["passed"], r
+        assert r["argmax_agreement"] >= 0.999 and r["diff_in_lsb"] <= 1.0, r
+        # stricter: without integer kernels (int4, clipped int8) ORT computes exactly what PyTorch does,
+        # and at 8 bits only a few rounding flips separate them (measured: up to 3.3 flip steps)
+        if bits <= 4:
+            assert r["diff_in_flips"] <= 1.0, r
+        else:
+            assert r["diff_in_flips"] <= 8.0, r
+
+
+def test_parity_other_grids_and_bn_modes(trained, digits, tmp_path):
+    train, x_test = digits
+    for bn_mode in ("fold", "simulate", "keep"):
+        for per_channel, symmetric in [(True, False), (False, True)]:
+            cfg = QATConfig(
+                weight=QuantSpec(bits=4, symmetric=symmetric, per_channel=per_channel),
+                activation=QuantSpec(bits=4, symmetric=symmetric),
+                bn_mode=bn_mode,
+            )
+            model = qatlab.ptq(trained["resnet"], cfg, train, num_batches=4)
+            path = export_onnx(model, tmp_path / "m.onnx", x_test[:1])
+            r = verify_onnx(model, path, x_test)
+            assert r["passed"] and r["diff_in_flips"] <= 1.0, (bn_mode, per_channel, symmetric, r)
+
+
+def test_learned_scales_export_as_fixed_qparams(trained, digits, tmp_path):
+    train, x_test = digits
+    cfg = QATConfig(
+        weight=QuantSpec(bits=4, symmetric=True, per_channel=True, ste="lsq"),
+        activation=QuantSpec(bits=4, ste="pact"),
+    )
+    qat = qatlab.calibrate(qatlab.prepare_qat(trained["cnn"], cfg), train, num_batches=4)
+    before = qat.classifier.weight_quant.scale.detach().clone()
+    qatlab.fit(qat, train, epochs=1, lr=0.01, progress=False, max_steps_per_epoch=5)
+    assert not torch.equal(before, qat.classifier.weight_quant.scale.detach())  # the scales did learn
+    path = export_onnx(qat, tmp_path / "lsq.onnx", x_test[:1])
+    r = verify_onnx(qat, path, x_test)
+    assert r["passed"] and r["diff_in_flips"] <= 1.0, r
+    # the learned per-channel scale of the classifier is the DequantizeLinear scale in the file
+    proto = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scales = [v for v in inits.values() if v.shape == (10,) and v.dtype == np.float32]
+    learned = qat.classifier.weight_quant.scale.detach().numpy()
+    assert any(np.allclose(v, learned, rtol=0, atol=0) for v in scales)
+
+
+def test_container_types_in_the_file(trained, digits, tmp_path):
+    """4-bit per-channel weights are INT4 in the file; 4-bit activations UINT8 + Clip to [0, 15]."""
+    train, x_test = digits
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True), activation=QuantSpec(bits=4))
+    path = export_onnx(qatlab.ptq(trained["cnn"], cfg, train, num_batches=2), tmp_path / "m.onnx", x_test[:1])
+    proto = onnx.load(str(path))
+    onnx_types = {
+        vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(proto).graph.value_info
+    }
+    assert onnx.TensorProto.INT4 in onnx_types and onnx.TensorProto.UINT8 in onnx_types
+    assert sum(n.op_type == "Clip" for n in proto.graph.node) == 5  # one per activation quantizer
+
+
+def test_dynamic_batch_both_ways_and_static_batch_error(trained, digits, tmp_path):
+    train, x_test = digits
+    model = qatlab.ptq(trained["cnn"], QATConfig(), train, num_batches=4)
+    # exported from a batch-1 example, run at 64
+    p1 = export_onnx(model, tmp_path / "b1.onnx", x_test[:1])
+    assert verify_onnx(model, p1, x_test[:64])["passed"]
+    # exported from a batch-64 example (cut to batch 1, batch axis dynamic), run at 1
+    p64 = export_onnx(model, tmp_path / "b64.onnx", x_test[:64])
+    assert verify_onnx(model, p64, x_test[:1])["passed"]
+    dim = onnx.load(str(p64)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value  # symbolic
+    # a static-batch file: runs at its batch, and a clear error at another
+    ps = export_onnx(model, tmp_path / "static.onnx", x_test[:8], dynamic_batch=False)
+    assert verify_onnx(model, ps, x_test[:8])["passed"]
+    with pytest.raises(ValueError, match="static batch of 8 .* re-export with dynamic_batch=True"):
+        verify_onnx(model, ps, x_test[:64])
+
+
+def test_ort_runs_integer_kernels(trained, digits, tmp_path):
+    train, x_test = digits
+    model = qatlab.ptq(trained["cnn"], QATConfig(), train, num_batches=4)
+    counts = ort_integer_kernels(export_onnx(model, tmp_path / "cnn.onnx", x_test[:1]))
+    assert counts.get("QLinearConv", 0) > 0, counts
+    assert integer_kernel_count(counts) >= counts["QLinearConv"]
+
+
+def test_layerwise_comparison_lists_every_layer(trained, digits, tmp_path):
+    train, x_test = digits
+    model = qatlab.ptq(
+        trained["cnn"], QATConfig(weight=QuantSpec(bits=4, symmetric=True)), train, num_batches=4
+    )
+    path = export_onnx(model, tmp_path / "cnn.onnx", x_test[:1])
+    r = verify_onnx(model, path, x_test[:32], layerwise=True)
+    layers = r["layers"]
+    assert list(layers["layer"]) == ["features.0", "features.3", "features.6", "features.9", "classifier"]
+    assert (layers["onnx_value"] != "").all()
+    assert (layers["max_abs_diff"] <= 1e-4).all(), layers
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+class _OddHead(nn.Module):
+    """A layer type export does not know, holding a quantizer of its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.q = FakeQuantizer(QuantSpec(bits=8))
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(self.q(x))
+
+
+def test_errors(trained, digits, tmp_path):
+    train, x_test = digits
+    x1 = x_test[:1]
+    with pytest.raises(ValueError, match="float model. Prepare and calibrate it first"):
+        export_onnx(trained["cnn"], tmp_path / "f.onnx", x1)
+    uncalibrated = qatlab.prepare_qat(trained["cnn"])
+    with pytest.raises(ValueError, match="never calibrated"):
+        export_onnx(uncalibrated, tmp_path / "u.onnx", x1)
+    w4 = qatlab.ptq(trained["cnn"], QATConfig(weight=QuantSpec(bits=4, symmetric=True)), train, num_batches=2)
+    with pytest.raises(ValueError, match="needs opset >= 21"):
+        export_onnx(w4, tmp_path / "o.onnx", x1, opset=20)
+    odd = qatlab.ptq(trained["cnn"], QATConfig(), train, num_batches=1)
+    odd.classifier = _OddHead(odd.classifier)
+    odd(x_test[:8])  # the new quantizer observes once: calibrated, so only its type is the problem
+    with pytest.raises(ValueError, match="export does not know that layer type"):
+        export_onnx(odd, tmp_path / "x.onnx", x1)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        export_onnx(w4, tmp_path / "missing" / "m.onnx", x1)
+    with pytest.raises(TypeError, match="example_input"):
+        export_onnx(w4, tmp_path / "m.onnx", x1.numpy())
+    assert not list(tmp_path.glob("*.onnx*"))  # nothing half-written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_from_cuda_model(trained, digits, tmp_path):
+    train, x_test = digits
+    model = qatlab.ptq(trained["cnn"].cuda(), QATConfig(), [(x.cuda(), y) for x, y in train], num_batches=2)
+    path = export_onnx(model, tmp_path / "cuda.onnx", x_test[:1].cuda())
+    assert verify_onnx(model, path, x_test.cuda())["passed"]

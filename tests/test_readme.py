@@ -1,0 +1,19 @@
+"""The README's quick start runs as written and its claims hold."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs(tmp_path, monkeypatch, capsys):
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    assert len(code.strip().splitlines()) <= 16
+    monkeypatch.chdir(tmp_path)  # the ONNX file lands here
+    namespace: dict = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    ptq_acc = namespace["qatlab"].evaluate(namespace["ptq"], namespace["test"])["acc"]
+    qat_acc = namespace["qatlab"].evaluate(namespace["qat"], namespace["test"])["acc"]
+    assert 0.8 < ptq_acc <= 1.0 and 0.8 < qat_acc <= 1.0
+    assert (tmp_path / "qat_w4a4.onnx").exists()
+    assert "'passed': True" in capsys.readouterr().out
