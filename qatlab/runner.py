@@ -2,7 +2,8 @@
 
 ``python -m qatlab.runner NOTEBOOK_DIR BUILD_DIR [--fast] [--timeout S]`` runs each ``*.ipynb`` in
 ``NOTEBOOK_DIR`` (sorted by name) with its working directory set to ``BUILD_DIR``, so the ONNX files and
-checkpoints a notebook writes land there, and saves the executed notebook to ``BUILD_DIR/notebooks/``.
+checkpoints a notebook writes land there, and saves the executed notebook and an HTML copy to
+``BUILD_DIR/notebooks/``.
 ``BUILD_DIR/summary.md`` and ``summary.csv`` list each notebook's status and wall time. Files are written
 atomically (temporary file, then rename): an interrupted run never leaves a half-written notebook.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +31,15 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _describe(exc: Exception) -> str:
+    """The failing line and the exception, without ANSI colours: what a summary row needs."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    arrows = [line.strip() for line in text.splitlines() if line.lstrip().startswith("---->")]
+    where = arrows[-1].replace("---->", "line").strip() if arrows else ""
+    what = f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', '')}".strip()
+    return f"{what} at {where}"[:400] if where else what[:400]
 
 
 def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = False) -> NotebookResult:
@@ -52,7 +63,7 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
         )
         client.execute()
     except CellExecutionError as exc:
-        status, error = "failed", str(exc).strip().splitlines()[-1][:300]
+        status, error = "failed", _describe(exc)
     except Exception as exc:  # kernel died, timeout: report it, keep going with the next notebook
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -63,6 +74,13 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
                 os.environ["QATLAB_FAST"] = env_before
     seconds = time.perf_counter() - start
     _atomic_write(out_dir / src.name, nbformat.writes(nb))
+    try:  # an HTML copy for reading without Jupyter
+        from nbconvert import HTMLExporter
+
+        html, _ = HTMLExporter().from_notebook_node(nb)
+        _atomic_write(out_dir / (src.stem + ".html"), html)
+    except Exception as exc:  # nbconvert missing or a template problem: the .ipynb is still there
+        print(f"  (no HTML for {src.name}: {type(exc).__name__}: {exc})")
     return NotebookResult(src.name, status, round(seconds, 1), error)
 
 
@@ -105,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         r = run_notebook(src, args.build, timeout=args.timeout, fast=args.fast)
         print(f"  {r.status} in {r.seconds:.1f} s {r.error}", flush=True)
         results.append(r)
-    print(f"summary: {write_summary(results, args.build)}")
+    summary = write_summary(results, args.build)
+    print(summary.read_text())
+    print(f"executed notebooks and HTML in {args.build / 'notebooks'}; summary in {summary}")
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

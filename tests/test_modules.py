@@ -6,6 +6,7 @@ from torch import nn
 
 from qatlab.config import QuantSpec
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear, fold_bn
+from qatlab.prepare import calibrate
 
 W8 = QuantSpec(bits=8, symmetric=True, per_channel=True)
 A8 = QuantSpec(bits=8)
@@ -71,7 +72,8 @@ def test_simulate_eval_equals_folded_quantized_conv():
     conv, bn = _conv_bn()
     m = QuantConvBn2d(conv, bn, W8, A8, mode="simulate").eval()
     x = torch.randn(8, 3, 7, 7)
-    out = m(x)  # observes and fake-quantizes the folded weight
+    calibrate(m, [x])  # observes the input and the folded weight
+    out = m(x)
     w, b = fold_bn(m.weight, None, m.bn)
     fq_w = torch.fake_quantize_per_channel_affine(
         w, m.weight_quant.scale, m.weight_quant.zero_point, 0, W8.qmin, W8.qmax
@@ -134,7 +136,7 @@ def test_lsq_scale_is_learned_and_not_overwritten_in_training():
     fq = FakeQuantizer(QuantSpec(bits=4, symmetric=True, ste="lsq"))
     x = torch.randn(256)
     fq.eval()
-    fq(x)  # calibration initialises the learned scale from the observer
+    calibrate(fq, [x])  # calibration initialises the learned scale from the observer
     init = fq.scale.detach().clone()
     torch.testing.assert_close(init, x.abs().max().reshape(1) / 7)
     fq.train()
@@ -146,6 +148,10 @@ def test_lsq_scale_is_learned_and_not_overwritten_in_training():
         assert fq.scale.grad is not None and fq.scale.grad.abs().item() > 0
         opt.step()
     assert not torch.equal(fq.scale.detach(), init)  # training, not the observer, owns the scale now
+    trained = fq.scale.detach().clone()
+    fq.eval()
+    fq(x * 3)  # an eval pass (e.g. evaluate() mid-training) must not re-observe a learned scale
+    assert torch.equal(fq.scale.detach(), trained)
 
 
 def test_quant_linear_and_conv_match_manual():

@@ -23,6 +23,7 @@ def test_runs_notebooks_and_writes_summary(tmp_path):
     done = nbformat.read(build / "notebooks" / "01_ok.ipynb", as_version=4)
     assert done.cells[1].outputs[0]["data"]["text/plain"] == "42"
     assert (build / "made.txt").read_text() == "1"  # ran in build/, in fast mode
+    assert "42" in (build / "notebooks" / "01_ok.html").read_text()
     summary = (build / "summary.csv").read_text().splitlines()
     assert summary[1].startswith("01_ok.ipynb,ok,")
     assert summary[2].startswith("02_bad.ipynb,failed,") and "claim failed" in summary[2]

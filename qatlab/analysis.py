@@ -1,0 +1,110 @@
+"""Measuring quantization error: per-layer weights and activations, and SQNR tables as tidy DataFrames.
+
+Example:
+    >>> from qatlab import analysis, zoo
+    >>> model, (train, test), _ = zoo.trained_cnn()  # doctest: +SKIP
+    >>> weights = analysis.layer_weights(model)  # doctest: +SKIP
+    >>> specs = {"W8 per-channel": QuantSpec(bits=8, symmetric=True, per_channel=True)}
+    >>> analysis.sqnr_table(weights, specs)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from qatlab.config import QATConfig, QuantSpec
+from qatlab.modules import FakeQuantizer, QuantConv2d, QuantLinear
+from qatlab.prepare import prepare_qat, run_batch
+from qatlab.quant import sqnr
+
+
+def layer_weights(model: nn.Module, fold_bn: bool = True) -> dict[str, Tensor]:
+    """The weight of every Conv2d/Linear by module name; with ``fold_bn`` BatchNorm is folded in first
+    (the weights that are deployed, and quantized, after folding)."""
+    if fold_bn:
+        folded = prepare_qat(model, QATConfig(activation=None, bn_mode="fold"))
+        return {
+            n: m.weight.detach().clone()
+            for n, m in folded.named_modules()
+            if isinstance(m, (QuantConv2d, QuantLinear))
+        }
+    return {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+@torch.no_grad()
+def layer_inputs(
+    model: nn.Module, loader: Iterable, num_batches: int = 2, device: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
+    """The input activation of every Conv2d/Linear (float model, eval mode) over ``num_batches`` batches."""
+    captured: dict[str, list[Tensor]] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, args, name=n: captured.setdefault(name, []).append(args[0].cpu())
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            run_batch(model, batch, device)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: torch.cat(v) for n, v in captured.items()}
+
+
+@torch.no_grad()
+def quantize_tensor(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Observe ``x`` with ``spec``'s observer and fake-quantize it: ``(x_hat, scale, zero_point)``."""
+    channels = x.shape[spec.ch_axis] if spec.per_channel else None
+    fq = FakeQuantizer(spec.with_(ste="clipped"), channels).eval()
+    fq.calibrating = True
+    x_hat = fq(x)
+    return x_hat, fq.scale.clone(), fq.zero_point.clone()
+
+
+def clipped_fraction(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> float:
+    """Fraction of values beyond the grid's ends by more than half a step: clipped, not just rounded."""
+    if spec.per_channel:
+        shape = [1] * x.dim()
+        shape[spec.ch_axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    lo = scale * (spec.qmin - zero_point.float() - 0.5)
+    hi = scale * (spec.qmax - zero_point.float() + 0.5)
+    return float(((x < lo) | (x > hi)).float().mean())
+
+
+def sqnr_table(
+    tensors: Mapping[str, Tensor], specs: Mapping[str, QuantSpec], kind: str = "weight"
+) -> pd.DataFrame:
+    """SQNR (dB) of every tensor under every spec: one row per (layer, spec)."""
+    rows = []
+    for layer, x in tensors.items():
+        for label, spec in specs.items():
+            x_hat, scale, zp = quantize_tensor(x, spec)
+            rows.append(
+                {
+                    "layer": layer,
+                    "kind": kind,
+                    "config": label,
+                    "bits": spec.bits,
+                    "observer": spec.observer,
+                    "granularity": "per-channel" if spec.per_channel else "per-tensor",
+                    "sqnr_db": sqnr(x, x_hat),
+                    "clipped_frac": clipped_fraction(x, scale, zp, spec),
+                }
+            )
+    return pd.DataFrame(rows)

@@ -1,0 +1,137 @@
+"""One-call experiments that return tidy rows: PTQ sweeps and QAT runs (the notebooks' building blocks).
+
+Example:
+    >>> from qatlab import experiments, zoo, QATConfig
+    >>> model, (train, test), _ = zoo.trained_cnn()  # doctest: +SKIP
+    >>> experiments.qat_run(model, QATConfig(), train, test, steps=200, seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from qatlab.config import QATConfig
+from qatlab.prepare import calibrate, prepare_qat, ptq
+from qatlab.quant import sqnr
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, loader: Iterable, device) -> tuple[Tensor, Tensor]:
+    outs, labels = [], []
+    model.eval()
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def ptq_sweep(
+    model: nn.Module,
+    calib_loader: Iterable,
+    test_loader: Iterable,
+    configs: Mapping[str, QATConfig],
+    calib_batches: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **labels: Any,
+) -> pd.DataFrame:
+    """PTQ accuracy and output SQNR (logits vs the float model's) for each config: one row per config.
+
+    Extra keyword arguments become constant columns (e.g. ``seed=0``).
+    """
+    from tqdm.auto import tqdm
+
+    ref, y = _logits(model.to(device), test_loader, device)
+    rows = []
+    for label, cfg in tqdm(configs.items(), desc="PTQ sweep", disable=not progress, leave=False):
+        q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
+        out, _ = _logits(q, test_loader, device)
+        w, a = cfg.weight, cfg.activation
+        rows.append(
+            {
+                "config": label,
+                "w_bits": w.bits,
+                "a_bits": a.bits if a is not None else 32,
+                "granularity": "per-channel" if w.per_channel else "per-tensor",
+                "observer": w.observer
+                if a is None or a.observer == w.observer
+                else f"{w.observer}/{a.observer}",
+                "acc": float((out.argmax(1) == y).float().mean()),
+                "output_sqnr_db": sqnr(ref, out),
+                **labels,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def float_accuracy(model: nn.Module, test_loader: Iterable, device: str | torch.device = "cpu") -> float:
+    out, y = _logits(model.to(device), test_loader, device)
+    return float((out.argmax(1) == y).float().mean())
+
+
+def qat_run(
+    model: nn.Module,
+    config: QATConfig,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    steps: int,
+    lr: float = 5e-4,
+    optimizer: str = "sgd",
+    schedule: str = "cosine",
+    calibrated: bool = True,
+    calib_batches: int = 8,
+    freeze_bn_epoch: int | None = None,
+    epochs: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    **labels: Any,
+) -> dict[str, Any]:
+    """Prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, and evaluate.
+
+    ``steps`` optimizer steps per epoch for ``epochs`` epochs. ``calibrated=False`` starts from raw
+    ranges: the observers first see the first training batch (train-mode BatchNorm), as a QAT run that
+    skips calibration does.
+
+    Returns:
+        A row: the labels, ``acc`` (final test accuracy), ``ptq_acc`` (before fine-tuning, NaN when not
+        calibrated), ``history`` (the fit DataFrame), ``model`` and ``seconds``.
+    """
+    from qatlab.train import evaluate, fit
+
+    torch.manual_seed(seed)
+    qat = prepare_qat(model, config).to(device)
+    ptq_acc = float("nan")
+    if calibrated:
+        calibrate(qat, train_loader, num_batches=calib_batches, device=device)
+        ptq_acc = evaluate(qat, test_loader, device=device)["acc"]
+    start = time.perf_counter()
+    history = fit(
+        qat,
+        train_loader,
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        seed=seed,
+        max_steps_per_epoch=steps,
+        freeze_bn_epoch=freeze_bn_epoch,
+        val_loader=test_loader,
+        device=device,
+        progress=progress,
+    )
+    return {
+        **labels,
+        "seed": seed,
+        "ptq_acc": ptq_acc,
+        "acc": float(history["val_acc"].iloc[-1]),
+        "seconds": time.perf_counter() - start,
+        "history": history,
+        "model": qat,
+    }

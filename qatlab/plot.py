@@ -1,0 +1,506 @@
+"""Every matplotlib figure of the lab (the only module that imports matplotlib).
+
+Each function takes data (tensors, DataFrames) and returns the ``matplotlib.figure.Figure`` it drew, so a
+notebook shows it, a widget redraws it, and a test reads its data (``fig.axes[i].lines[j].get_ydata()``).
+Sections follow the notebooks.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+__all__ = ["Figure", "np", "pd", "plt", "torch"]
+
+
+def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5), **kw):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
+    return fig, axes
+
+
+# ---- 01 fake quantization and the STE ---------------------------------------------------------------------
+
+# The estimators plot_ste draws, top to bottom: true rounding first (what autograd gives without an STE).
+STE_ROWS = ("round", "clipped", "identity", "lsq", "pact")
+_STE_TITLES = {
+    "round": "torch.round, no STE",
+    "clipped": "clipped STE (Bengio et al. 2013)",
+    "identity": "identity STE",
+    "lsq": "LSQ (Esser et al. 2019)",
+    "pact": "PACT (Choi et al. 2018)",
+}
+
+
+def ste_curves(x, scale: float, zero_point: int, spec) -> pd.DataFrame:
+    """Forward and backward pass of ``fake_quant`` at every value of ``x``, one row per value.
+
+    The gradients are what autograd returns through :func:`qatlab.fake_quant` with ``spec.ste``, read per
+    element: the scale is repeated once per value (a per-channel scale, one "channel" per value), so
+    ``d out_i / d S`` comes back for each ``x_i`` unsummed, with LSQ's gradient factor set to 1.
+
+    Columns: ``x``; ``fake_quant`` (the staircase); ``error`` (``x - fake_quant``); ``grad_x`` (the STE's
+    ``d out / d x``); ``grad_scale`` (``d out / d S``; NaN when the STE leaves S fixed); ``grad_alpha``
+    (PACT only: ``d out / d alpha`` with ``alpha = S (qmax - Z)``; else NaN); ``grad_round_x`` and
+    ``grad_round_scale``: the same quantizer written with ``torch.round`` and differentiated by autograd,
+    no STE.
+
+    Example:
+        >>> from qatlab import QuantSpec
+        >>> ste_curves(torch.linspace(-1, 1, 5), 0.25, 0, QuantSpec(bits=4, symmetric=True)).grad_x.tolist()
+        [1.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    from qatlab.quant import fake_quant
+
+    x = torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1)
+    n, z0 = x.numel(), int(zero_point)
+    xg = x.clone().requires_grad_(True)
+    s = torch.full((n,), float(scale), requires_grad=True)
+    z = torch.full((n,), z0, dtype=torch.int32)
+    y = fake_quant(xg, s, z, spec.with_(per_channel=True, ch_axis=0), grad_factor=1.0)
+    y.sum().backward()
+    nan = torch.full((n,), float("nan"))
+    grad_scale = s.grad if s.grad is not None else nan
+    grad_alpha = grad_scale / (spec.qmax - z0) if spec.ste == "pact" and spec.qmax > z0 else nan
+    # The same quantizer written with torch.round, and autograd's own derivative of it (round' = 0).
+    xr = x.clone().requires_grad_(True)
+    sr = torch.full((n,), float(scale), requires_grad=True)
+    code = torch.clamp(torch.round(xr / sr) + z0, spec.qmin, spec.qmax)
+    (sr * (code - z0)).sum().backward()
+    return pd.DataFrame(
+        {
+            "x": x.numpy(),
+            "fake_quant": y.detach().numpy(),
+            "error": (x - y.detach()).numpy(),
+            "grad_x": xg.grad.numpy(),
+            "grad_scale": grad_scale.detach().numpy(),
+            "grad_alpha": grad_alpha.detach().numpy(),
+            "grad_round_x": xr.grad.numpy(),
+            "grad_round_scale": sr.grad.numpy(),
+        }
+    )
+
+
+def _grid_range(scale: float, zero_point: int, spec) -> tuple[float, float]:
+    """The real values of the smallest and largest code: ``S (qmin - Z)``, ``S (qmax - Z)``."""
+    return scale * (spec.qmin - zero_point), scale * (spec.qmax - zero_point)
+
+
+def plot_fake_quant(x, scale: float, zero_point: int, spec, gradients: bool = True) -> Figure:
+    """The quantization grid: staircase, error and (optionally) the STE's gradients, against ``x``.
+
+    Axes (in ``fig.axes`` order): 0 the staircase (line 0: ``fake_quant(x)``, line 1: the identity ``y = x``);
+    1 the error ``x - fake_quant(x)`` (line 0; dotted +-S/2 bounds are a collection, not lines); with
+    ``gradients``: 2 ``d out / d x`` of ``spec.ste`` (line 0), 3 ``d out / d S`` (LSQ; line 0) or
+    ``d out / d alpha`` (PACT; line 0), empty with a note when the STE leaves S fixed. The shaded band is
+    the grid's range ``[S (qmin - Z), S (qmax - Z)]``.
+    """
+    df = ste_curves(x, scale, zero_point, spec)
+    lo, hi = _grid_range(scale, zero_point, spec)
+    fig, axes = _new(2 if gradients else 1, 2, size=(5.2, 3.2))
+    ax = axes[0, 0]
+    ax.plot(df.x, df.fake_quant, color="tab:blue", lw=1.6, label="fake_quant(x)")
+    ax.plot(df.x, df.x, color="0.5", ls="--", lw=0.8, label="y = x")
+    ax.hlines(np.unique(df.fake_quant), df.x.min(), df.x.max(), color="0.85", lw=0.5, zorder=0)
+    grid = "symmetric" if spec.symmetric else "asymmetric"
+    ax.set(title=f"{spec.bits}-bit {grid} grid: S = {scale:.4g}, Z = {zero_point}", xlabel="x", ylabel="q(x)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(df.x, df.error, color="tab:red", lw=1.0)
+    ax.hlines([-scale / 2, scale / 2], df.x.min(), df.x.max(), color="0.4", ls=":", lw=0.8)
+    ax.set(title="error x - q(x): rounding inside, clipping outside", xlabel="x", ylabel="x - q(x)")
+    if gradients:
+        ax = axes[1, 0]
+        ax.plot(df.x, df.grad_x, color="tab:purple", lw=1.4, drawstyle="steps-mid")
+        ax.set(title=f"STE '{spec.ste}': d q / d x", xlabel="x", ylim=(-0.15, 1.15))
+        ax = axes[1, 1]
+        if spec.ste == "lsq":
+            ax.plot(df.x, df.grad_scale, color="tab:orange", lw=1.0)
+            ax.set(title="LSQ: d q / d S (grad factor 1)", xlabel="x")
+        elif spec.ste == "pact":
+            ax.plot(df.x, df.grad_alpha, color="tab:orange", lw=1.4, drawstyle="steps-mid")
+            ax.set(title=f"PACT: d q / d alpha, alpha = {hi:.3g}", xlabel="x")
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                f"'{spec.ste}' STE: S is fixed\n(set by an observer), no d q / d S",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
+            ax.set(title="d q / d S", xlabel="x")
+    for ax in fig.axes:
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.07, lw=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ste(x, scale: float, zero_point: int, spec, rows: tuple[str, ...] = STE_ROWS) -> Figure:
+    """One forward pass, many backward passes: the gradient each estimator gives, against ``x``.
+
+    Axes (in ``fig.axes`` order): 0 the forward pass (line 0: ``fake_quant(x)``, the same for every
+    estimator; line 1: ``y = x``), then two per row of ``rows``: ``d out / d x`` (line 0) and the gradient
+    w.r.t. the quantizer's parameter (line 0): ``d out / d S`` for ``"round"`` (autograd, no STE) and
+    ``"lsq"``, ``d out / d alpha`` for ``"pact"``; for ``"clipped"``/``"identity"`` (S fixed) no line.
+    ``spec.ste`` is ignored: each row uses its own estimator.
+    """
+    fig = plt.figure(figsize=(10.5, 1.6 * (len(rows) + 1.4)))
+    mosaic = [["fwd", "fwd"]] + [[f"{r}_x", f"{r}_p"] for r in rows]
+    axd = fig.subplot_mosaic(mosaic, height_ratios=[1.4] + [1.0] * len(rows))
+    base = ste_curves(x, scale, zero_point, spec.with_(ste="clipped"))
+    lo, hi = _grid_range(scale, zero_point, spec)
+    ax = axd["fwd"]
+    ax.plot(base.x, base.fake_quant, color="tab:blue", lw=1.6, label="forward: fake_quant(x), every row")
+    ax.plot(base.x, base.x, color="0.5", ls="--", lw=0.8, label="y = x")
+    ax.set(
+        title=f"{spec.bits}-bit grid, S = {scale:.4g}, Z = {zero_point}: one forward pass, five backward passes",
+        ylabel="q(x)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    for r in rows:
+        df = base if r == "round" else ste_curves(x, scale, zero_point, spec.with_(ste=r))
+        ax_x, ax_p = axd[f"{r}_x"], axd[f"{r}_p"]
+        gx = df.grad_round_x if r == "round" else df.grad_x
+        ax_x.plot(df.x, gx, color="tab:red" if r == "round" else "tab:purple", lw=1.4, drawstyle="steps-mid")
+        ax_x.set_ylim(-0.2, 1.2)
+        ax_x.set_title(f"{_STE_TITLES[r]}: d q / d x", fontsize=9, loc="left")
+        if r in ("round", "lsq"):
+            gp = df.grad_round_scale if r == "round" else df.grad_scale
+            ax_p.plot(df.x, gp, color="tab:orange", lw=1.0)
+            ax_p.set_title(f"{_STE_TITLES[r]}: d q / d S", fontsize=9, loc="left")
+        elif r == "pact":
+            ax_p.plot(df.x, df.grad_alpha, color="tab:orange", lw=1.4, drawstyle="steps-mid")
+            ax_p.set_title(f"{_STE_TITLES[r]}: d q / d alpha, alpha = {hi:.3g}", fontsize=9, loc="left")
+        else:
+            ax_p.set_title(f"{_STE_TITLES[r]}: d q / d S", fontsize=9, loc="left")
+            ax_p.text(
+                0.5,
+                0.5,
+                "S is fixed (set by an observer): no gradient",
+                ha="center",
+                va="center",
+                transform=ax_p.transAxes,
+                color="0.5",
+                fontsize=8,
+            )
+            ax_p.set_yticks([])
+    axd[f"{rows[-1]}_x"].set_xlabel("x")
+    axd[f"{rows[-1]}_p"].set_xlabel("x")
+    for ax in axd.values():
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.07, lw=0)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(float(base.x.min()), float(base.x.max()))
+    fig.tight_layout()
+    return fig
+
+
+def plot_oscillation(history: pd.DataFrame, w_star: float, threshold: float, zoom: int = 40) -> Figure:
+    """A latent weight oscillating across a rounding threshold under QAT (Nagel et al. 2022).
+
+    ``history``: one row per step with columns ``step``, ``latent`` and ``quantized``. Axes: 0 the whole run
+    and 1 its last ``zoom`` steps, each with the latent weight (line 0), its quantized value (line 1), the
+    threshold (line 2) and the target ``w*`` (line 3); 2 the running mean of the quantized value (line 0),
+    which settles on ``w*`` (line 1) although neither grid point equals it.
+    """
+    fig, axes = _new(1, 3, size=(4.6, 3.4))
+    last = history.iloc[-zoom:]
+    for ax, part, title in (
+        (axes[0, 0], history, "latent weight and its quantized value"),
+        (axes[0, 1], last, f"the last {len(last)} steps"),
+    ):
+        ax.plot(part.step, part.latent, color="tab:blue", lw=1.2, zorder=3, label="latent weight w")
+        ax.plot(
+            part.step,
+            part.quantized,
+            color="tab:orange",
+            lw=0.9,
+            alpha=0.6,
+            drawstyle="steps-post",
+            label="quantized q(w)",
+        )
+        ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"rounding threshold {threshold:.3g}")
+        ax.axhline(w_star, color="tab:green", ls=":", lw=1.2, label=f"target w* = {w_star:.3g}")
+        ax.set(title=title, xlabel="SGD step", ylabel="weight")
+    axes[0, 0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    ax = axes[0, 2]
+    running = history.quantized.expanding().mean()
+    ax.plot(history.step, running, color="tab:orange", lw=1.2, label="running mean of q(w)")
+    ax.axhline(w_star, color="tab:green", ls=":", lw=1.2, label="w*")
+    ax.set(title="the oscillation averages to w*", xlabel="SGD step", ylabel="mean q(w) so far")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_oscillation_sweep(sweep: pd.DataFrame, scale: float) -> Figure:
+    """Where ``w*`` sits between two grid points sets how often the weight flips (Nagel et al. 2022).
+
+    ``sweep``: one row per target with columns ``w_star``, ``frac_upper`` (fraction of steps at the upper
+    grid point), ``predicted_frac_upper``, ``flips_per_step`` and optionally ``predicted_flips_per_step``.
+    Axes: 0 measured (line 0, markers) and predicted (line 1) fraction at the upper point; 1 measured flips
+    per step (line 0) and, if given, the prediction (line 1).
+    """
+    fig, axes = _new(1, 2, size=(4.8, 3.2))
+    ax = axes[0, 0]
+    ax.plot(sweep.w_star, sweep.frac_upper, "o", color="tab:orange", label="measured")
+    ax.plot(sweep.w_star, sweep.predicted_frac_upper, "-", color="0.4", lw=1.0, label="(w* - lower) / S")
+    ax.set(title="time at the upper grid point", xlabel="target w*", ylabel="fraction of steps")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(sweep.w_star, sweep.flips_per_step, "o", color="tab:red", label="measured")
+    if "predicted_flips_per_step" in sweep:
+        ax.plot(
+            sweep.w_star,
+            sweep.predicted_flips_per_step,
+            "-",
+            color="0.4",
+            lw=1.0,
+            label="noise-free: 2 min(p, 1 - p)",
+        )
+        ax.legend(fontsize=8)
+    ax.set(title="flips of q(w) per step", xlabel="target w*", ylabel="flips / step")
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:.3g}")
+    fig.suptitle(f"grid step S = {scale:.3g}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---- end 01 ------------------------------------------------------------------------------------------------
+
+
+# ---- 02 quantization error ---------------------------------------------------------------------------------
+
+
+def quant_histogram(
+    x: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec, title: str = ""
+) -> Figure:
+    """Left: histogram of ``x`` with the clipping range (red) and, for coarse grids, the grid levels (grey).
+    Right: histogram of the quantization error ``x - x_hat``. Per channel, the widest channel's range is drawn.
+    """
+    fig, axes = _new(1, 2, size=(5.5, 3.2))
+    ax, ax_err = axes[0]
+    values = x.detach().flatten().float().numpy()
+    ax.hist(values, bins=120, color="C0", alpha=0.8)
+    s = scale.detach().float().flatten()
+    z = zero_point.detach().float().flatten()
+    i = int(torch.argmax(s * (spec.qmax - spec.qmin)))  # the channel with the widest range
+    lo, hi = float(s[i] * (spec.qmin - z[i])), float(s[i] * (spec.qmax - z[i]))
+    if spec.qmax - spec.qmin <= 64:
+        for level in np.arange(spec.qmin, spec.qmax + 1):
+            ax.axvline(float(s[i] * (level - z[i])), color="0.6", lw=0.5, zorder=0)
+    ax.axvline(lo, color="C3", lw=1.5, label="clipping range")
+    ax.axvline(hi, color="C3", lw=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("value")
+    ax.set_ylabel("count (log)")
+    ax.set_title(title or "values and the quantization grid")
+    ax.legend(loc="upper right", fontsize=8)
+    err = (x - x_hat).detach().flatten().float().numpy()
+    ax_err.hist(err, bins=120, color="C1", alpha=0.8)
+    ax_err.set_yscale("log")
+    ax_err.set_xlabel("error x - q(x)")
+    ax_err.set_title(f"error: rounding within +-S/2, clipping beyond ({spec.bits} bits)")
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(
+    df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", ylabel: str | None = None
+) -> Figure:
+    """Bars of ``y`` per ``x`` category, one colour per ``hue`` value (e.g. SQNR per layer per config)."""
+    table = df.pivot_table(index=x, columns=hue, values=y, sort=False)
+    fig, axes = _new(1, 1, size=(max(6.0, 0.9 * len(table)), 3.5))
+    ax = axes[0][0]
+    width = 0.8 / max(len(table.columns), 1)
+    pos = np.arange(len(table))
+    for k, col in enumerate(table.columns):
+        ax.bar(pos + k * width, table[col].to_numpy(), width, label=str(col))
+    ax.set_xticks(pos + width * (len(table.columns) - 1) / 2, table.index, rotation=30, ha="right")
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def metric_lines(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    title: str = "",
+    reference: float | None = None,
+    reference_label: str = "FP32",
+    ylabel: str | None = None,
+    err: str | None = None,
+) -> Figure:
+    """One line of ``y`` against ``x`` per ``hue`` value, optional error bars (column ``err``) and a
+    horizontal reference line (e.g. the float accuracy)."""
+    fig, axes = _new(1, 1, size=(6.5, 3.8))
+    ax = axes[0][0]
+    for label, part in df.groupby(hue, sort=False):
+        part = part.sort_values(x)
+        yerr = part[err].to_numpy() if err else None
+        ax.errorbar(
+            part[x].to_numpy(), part[y].to_numpy(), yerr=yerr, marker="o", capsize=3, label=str(label)
+        )
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---- end 02 ------------------------------------------------------------------------------------------------
+
+
+# ---- 03 BatchNorm folding ----------------------------------------------------------------------------------
+
+BN_KIND_COLORS = {"depthwise": "C3", "pointwise": "C0", "full": "C2"}
+
+
+def bn_channel_ranges(
+    before, after, sqnr_per_tensor, sqnr_per_channel, bits: int = 8, title: str = ""
+) -> Figure:
+    """One conv layer, channel by channel. Left: max|w| of each output channel before and after folding BN
+    (log scale). Right: the SQNR of each channel of the folded weight, quantized with one scale for the
+    whole tensor vs one scale per channel.
+
+    Args:
+        before, after: per-channel max|w| (C,) of the conv weight and of the BN-folded weight.
+        sqnr_per_tensor, sqnr_per_channel: per-channel SQNR (dB) of the folded weight, (C,) each.
+        bits: the bit width the SQNRs were measured at (for the labels).
+
+    Lines in order: ``axes[0].lines`` = before, after; ``axes[1].lines`` = per tensor, per channel.
+    """
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    pt, pc = np.asarray(sqnr_per_tensor, dtype=float), np.asarray(sqnr_per_channel, dtype=float)
+    ch = np.arange(len(before))
+    fig, axes = _new(1, 2, size=(5.6, 3.4))
+    ax, ax_q = axes[0]
+    style = {"ls": "none", "marker": ".", "ms": 4 if len(ch) > 200 else 6}
+    ax.plot(
+        ch, before, color="0.55", label=f"conv weight (spread {before.max() / before.min():.0f}x)", **style
+    )
+    ax.plot(ch, after, color="C3", label=f"BN folded (spread {after.max() / after.min():.0f}x)", **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("output channel")
+    ax.set_ylabel("max |w| of the channel (log)")
+    ax.set_title("per-channel weight range")
+    ax.legend(fontsize=8, loc="lower right")
+    ax_q.plot(ch, pt, color="C1", label=f"per-tensor scale (median {np.nanmedian(pt):.1f} dB)", **style)
+    ax_q.plot(ch, pc, color="C0", label=f"per-channel scales (median {np.nanmedian(pc):.1f} dB)", **style)
+    ax_q.axhline(0.0, color="k", lw=0.8)
+    ax_q.set_xlabel("output channel")
+    ax_q.set_ylabel("SQNR of the channel (dB)")
+    ax_q.set_title(f"folded weight at {bits} bits")
+    ax_q.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def bn_layer_stats(df: pd.DataFrame, title: str = "") -> Figure:
+    """Layer by layer (rows of ``df`` in execution order), shaded by layer kind.
+
+    Top: the spread of per-channel ranges (max/min of the per-channel max|w|) before and after folding
+    (columns ``spread_before``, ``spread_after``; log scale). Bottom: SQNR (dB) of the folded weight quantized
+    per tensor and per channel (columns ``sqnr_per_tensor``, ``sqnr_per_channel``). Column ``kind`` colours
+    the background ("depthwise", "pointwise", "full").
+
+    Lines in order: ``axes[0].lines`` = spread before, after; ``axes[1].lines`` = per tensor, per channel.
+    """
+    x = np.arange(len(df))
+    fig, axes = _new(2, 1, size=(10.0, 2.8), sharex=True)
+    ax, ax_q = axes[0][0], axes[1][0]
+    for i, kind in enumerate(df["kind"]):
+        for a in (ax, ax_q):
+            a.axvspan(i - 0.5, i + 0.5, color=BN_KIND_COLORS.get(kind, "0.8"), alpha=0.12, lw=0)
+    ax.plot(x, df["spread_before"].to_numpy(float), "o-", color="0.55", ms=3, lw=1, label="conv weight")
+    ax.plot(x, df["spread_after"].to_numpy(float), "o-", color="C3", ms=3, lw=1, label="BN folded")
+    ax.set_yscale("log")
+    ax.set_ylabel("max / min of per-channel max|w|")
+    ax.set_title(title or "range spread across output channels")
+    ax_q.plot(x, df["sqnr_per_tensor"].to_numpy(float), "o-", color="C1", ms=3, lw=1, label="per tensor")
+    ax_q.plot(x, df["sqnr_per_channel"].to_numpy(float), "o-", color="C0", ms=3, lw=1, label="per channel")
+    ax_q.set_ylabel("SQNR of folded weight (dB)")
+    ax_q.set_xlabel("conv layer (execution order)")
+    from matplotlib.patches import Patch
+
+    kinds = [k for k in BN_KIND_COLORS if k in set(df["kind"])]
+    patches = [Patch(color=BN_KIND_COLORS[k], alpha=0.3, label=k) for k in kinds]
+    ax.legend(handles=ax.get_lines() + patches, fontsize=8, ncol=2, loc="upper left")
+    ax_q.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def bn_batch_curves(df: pd.DataFrame, x: str = "images", title: str = "") -> Figure:
+    """Training curves of several runs (column ``run``): ``train_loss`` (left) and ``val_acc`` (right)
+    against ``x`` (e.g. training images seen), one line per run in order of appearance."""
+    fig, axes = _new(1, 2, size=(5.2, 3.4))
+    for k, (run, part) in enumerate(df.groupby("run", sort=False)):
+        for ax, col in zip(axes[0], ("train_loss", "val_acc"), strict=True):
+            ax.plot(part[x].to_numpy(float), part[col].to_numpy(float), "o-", color=f"C{k}", label=str(run))
+    axes[0][0].set_ylabel("training loss (train-mode forward)")
+    axes[0][1].set_ylabel("test accuracy (eval mode)")
+    for ax in axes[0]:
+        ax.set_xlabel(x)
+    axes[0][1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---- end 03 ------------------------------------------------------------------------------------------------
+
+
+# ---- 04 PTQ vs QAT -----------------------------------------------------------------------------------------
+
+
+def hypothesis_bars(df: pd.DataFrame, title: str = "", reference: float | None = None) -> Figure:
+    """Each hypothesis (column ``hypothesis``) as a pair of bars, one per arm (``arm``): mean ``acc`` over
+    seeds with a +-1 std error bar, and each seed as a dot."""
+    hyps = list(dict.fromkeys(df["hypothesis"]))
+    fig, axes = _new(1, len(hyps), size=(2.6, 3.4), sharey=True)
+    for ax, hyp in zip(axes[0], hyps, strict=True):
+        part = df[df["hypothesis"] == hyp]
+        arms = list(dict.fromkeys(part["arm"]))
+        for k, arm in enumerate(arms):
+            accs = part.loc[part["arm"] == arm, "acc"].to_numpy()
+            ax.bar(
+                k,
+                accs.mean(),
+                yerr=accs.std() if len(accs) > 1 else None,
+                capsize=4,
+                color=f"C{k}",
+                alpha=0.7,
+            )
+            ax.plot(np.full(len(accs), k), accs, "k.", ms=5)
+        if reference is not None:
+            ax.axhline(reference, color="k", ls="--", lw=1)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
+        ax.set_title(hyp, fontsize=9)
+    lo = df["acc"].min()
+    axes[0][0].set_ylim(max(0.0, lo - 0.03), min(1.0, max(df["acc"].max(), reference or 0) + 0.01))
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---- end 04 ------------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""ipywidgets explorers for the notebooks (the only module that imports ipywidgets).
+
+Each explorer is built from a plain ``update(...)`` function that redraws a figure from control values,
+so tests call the callback without a browser and check that the figure data changed. Widgets carry CSS
+classes (``add_class``) so browser tests can find them.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+from IPython.display import display
+
+from qatlab import plot
+
+__all__ = ["W", "display", "plot"]
+
+
+def show_figure(out: W.Output, fig) -> None:
+    """Replace what ``out`` shows with ``fig`` (inline backend: the figure is drawn as an image)."""
+    import matplotlib.pyplot as plt
+
+    with out:
+        out.clear_output(wait=True)
+        display(fig)
+    plt.close(fig)
+
+
+# ---- 01 fake quantization and the STE ---------------------------------------------------------------------
+
+FAKE_QUANT_X = (-2.0, 2.0, 1601)  # the explorer's fixed x axis: changing S visibly stretches the grid
+
+
+def update_fake_quant(
+    bits: int = 4,
+    scale: float = 0.25,
+    zero_point: int = 8,
+    symmetric: bool = False,
+    ste: str = "clipped",
+    x=None,
+):
+    """Redraw the quantization grid for these control values; returns the Figure (the explorer's callback).
+
+    The zero point is forced to 0 on a symmetric grid and clamped into ``[qmin, qmax]`` otherwise, as a
+    real quantizer would do. Figure layout: :func:`qatlab.plot.plot_fake_quant`.
+    """
+    import torch
+
+    from qatlab.config import QuantSpec
+
+    spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), ste=ste)
+    zp = 0 if spec.symmetric else min(max(int(zero_point), spec.qmin), spec.qmax)
+    if x is None:
+        x = torch.linspace(*FAKE_QUANT_X)
+    return plot.plot_fake_quant(x, float(scale), zp, spec, gradients=True)
+
+
+def fake_quant_explorer(x=None) -> W.VBox:
+    """Sliders for bits, scale and zero point, a symmetric toggle and the STE; the figure redraws in place.
+
+    Returns the widget box (display it in the notebook). CSS classes: ``qatlab-fq-explorer`` (the box),
+    ``qatlab-fq-bits``, ``qatlab-fq-scale``, ``qatlab-fq-zero-point``, ``qatlab-fq-symmetric``,
+    ``qatlab-fq-ste``, ``qatlab-fq-output``.
+    """
+    style = {"description_width": "90px"}
+    bits = W.IntSlider(value=4, min=2, max=8, description="bits", style=style)
+    scale = W.FloatLogSlider(
+        value=0.25,
+        base=10,
+        min=-2.5,
+        max=0,
+        step=0.01,
+        description="scale S",
+        readout_format=".3g",
+        style=style,
+    )
+    zero_point = W.IntSlider(value=8, min=0, max=15, description="zero point Z", style=style)
+    symmetric = W.ToggleButton(value=False, description="symmetric", tooltip="signed grid, Z = 0")
+    ste = W.ToggleButtons(
+        options=["clipped", "identity", "lsq", "pact"],
+        value="clipped",
+        description="STE",
+        style={"description_width": "40px", "button_width": "70px"},
+    )
+    out = W.Output()
+    for w, name in (
+        (bits, "bits"),
+        (scale, "scale"),
+        (zero_point, "zero-point"),
+        (symmetric, "symmetric"),
+        (ste, "ste"),
+        (out, "output"),
+    ):
+        w.add_class(f"qatlab-fq-{name}")
+
+    busy = []  # re-entry guard: shrinking the zero-point slider's max may move its value and call us again
+
+    def redraw(_=None) -> None:
+        if busy:
+            return
+        busy.append(True)
+        try:
+            zero_point.max = 2**bits.value - 1  # the asymmetric grid's qmax; clamps the value if needed
+            zero_point.disabled = symmetric.value  # symmetric grids have Z = 0
+            fig = update_fake_quant(
+                bits.value, scale.value, zero_point.value, symmetric.value, ste.value, x=x
+            )
+            show_figure(out, fig)
+        finally:
+            busy.clear()
+
+    for w in (bits, scale, zero_point, symmetric, ste):
+        w.observe(redraw, names="value")
+    redraw()
+    box = W.VBox([W.HBox([W.VBox([bits, scale, zero_point]), W.VBox([symmetric, ste])]), out])
+    box.add_class("qatlab-fq-explorer")
+    return box
+
+
+# ---- end 01 ------------------------------------------------------------------------------------------------
+
+
+# ---- 02 quantization error ---------------------------------------------------------------------------------
+
+
+def update_quant_error(tensors, layer: str, kind: str, bits: int, observer: str, per_channel: bool):
+    """The histogram figure of one layer's weight or input activation under a spec (no widgets involved).
+
+    ``tensors`` maps ``"weight"`` and ``"activation"`` to ``{layer: tensor}``; activations are always per
+    tensor (as the lab quantizes them).
+    """
+    from qatlab.analysis import quantize_tensor
+    from qatlab.config import QuantSpec
+    from qatlab.quant import sqnr
+
+    x = tensors[kind][layer]
+    weight = kind == "weight"
+    spec = QuantSpec(bits=bits, symmetric=weight, per_channel=per_channel and weight, observer=observer)
+    x_hat, scale, zp = quantize_tensor(x, spec)
+    title = f"{layer} {kind}: {bits} bits, {observer}, SQNR {sqnr(x, x_hat):.1f} dB"
+    return plot.quant_histogram(x, x_hat, scale, zp, spec, title=title)
+
+
+def quant_error_explorer(tensors) -> W.VBox:
+    """Pick a layer, weight or activation, bit width, observer and granularity; the histograms update."""
+    layers = list(tensors["weight"])
+    layer = W.Dropdown(options=layers, value=layers[0], description="layer").add_class("qatlab-layer")
+    kind = W.ToggleButtons(options=["weight", "activation"], value="weight").add_class("qatlab-kind")
+    bits = W.IntSlider(value=4, min=2, max=8, description="bits", continuous_update=False).add_class(
+        "qatlab-bits"
+    )
+    observer = W.Dropdown(
+        options=["minmax", "ema", "percentile", "mse"], value="minmax", description="observer"
+    )
+    observer.add_class("qatlab-observer")
+    per_channel = W.Checkbox(value=False, description="per-channel weights").add_class("qatlab-per-channel")
+    out = W.Output().add_class("qatlab-output")
+
+    def redraw(_=None):
+        fig = update_quant_error(
+            tensors, layer.value, kind.value, bits.value, observer.value, per_channel.value
+        )
+        show_figure(out, fig)
+
+    for control in (layer, kind, bits, observer, per_channel):
+        control.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([layer, kind]), W.HBox([bits, observer, per_channel]), out]).add_class(
+        "qatlab-quant-error"
+    )
+
+
+# ---- end 02 ------------------------------------------------------------------------------------------------
+
+
+# ---- 03 BatchNorm folding ----------------------------------------------------------------------------------
+
+
+def bn_fold_channel_stats(weight, folded, bits: int = 8):
+    """Per output channel of a conv: max|w| before and after folding BN, and the SQNR (dB) of the folded
+    channel when the folded tensor is quantized symmetric with one scale per tensor vs one per channel.
+
+    Returns a pandas DataFrame with columns ``channel``, ``max_before``, ``max_after``, ``sqnr_per_tensor``,
+    ``sqnr_per_channel`` (a channel that quantizes to all zeros has SQNR 0 dB).
+    """
+    import pandas as pd
+    import torch
+
+    from qatlab.config import QuantSpec
+    from qatlab.quant import fake_quant, qparams, sqnr
+
+    weight, folded = weight.detach().float(), folded.detach().float()  # (C, Cin/groups, kh, kw)
+    quantized = {}
+    with torch.no_grad():
+        for per_channel in (False, True):
+            spec = QuantSpec(bits=int(bits), symmetric=True, per_channel=per_channel)
+            amax = folded.abs().flatten(1).amax(dim=1) if per_channel else folded.abs().max()
+            scale, zp = qparams(-amax, amax, spec)
+            quantized[per_channel] = fake_quant(folded, scale, zp, spec)
+    channels = range(len(folded))
+    return pd.DataFrame(
+        {
+            "channel": channels,
+            "max_before": weight.abs().flatten(1).amax(dim=1).numpy(),
+            "max_after": folded.abs().flatten(1).amax(dim=1).numpy(),
+            "sqnr_per_tensor": [sqnr(folded[c], quantized[False][c]) for c in channels],
+            "sqnr_per_channel": [sqnr(folded[c], quantized[True][c]) for c in channels],
+        }
+    )
+
+
+def update_bn_fold(layers, layer: str, bits: int = 8):
+    """The per-channel figure of one layer (the explorer's callback; no widgets involved).
+
+    ``layers`` maps a layer name to ``(conv weight, BN-folded weight)``. Layout: :func:`qatlab.plot.bn_channel_ranges`.
+    """
+    weight, folded = layers[layer]
+    st = bn_fold_channel_stats(weight, folded, bits)
+    zeroed = int((st["sqnr_per_tensor"] == 0).sum())  # all codes 0: the channel is gone after quantization
+    title = f"{layer} {tuple(weight.shape)}: {zeroed} channel(s) all zero with a per-tensor scale"
+    return plot.bn_channel_ranges(
+        st["max_before"], st["max_after"], st["sqnr_per_tensor"], st["sqnr_per_channel"], bits, title=title
+    )
+
+
+def bn_fold_explorer(layers, layer: str | None = None, bits: int = 8) -> W.VBox:
+    """Pick a conv layer and a bit width; see its per-channel ranges before/after folding and the SQNR of
+    each folded channel per tensor vs per channel. CSS classes: ``qatlab-bn-explorer`` (the box),
+    ``qatlab-bn-layer``, ``qatlab-bn-bits``, ``qatlab-bn-output``."""
+    names = list(layers)
+    pick = W.Dropdown(options=names, value=layer or names[0], description="layer").add_class(
+        "qatlab-bn-layer"
+    )
+    nbits = W.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False)
+    nbits.add_class("qatlab-bn-bits")
+    out = W.Output().add_class("qatlab-bn-output")
+
+    def redraw(_=None) -> None:
+        show_figure(out, update_bn_fold(layers, pick.value, nbits.value))
+
+    pick.observe(redraw, names="value")
+    nbits.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([pick, nbits]), out]).add_class("qatlab-bn-explorer")
+
+
+# ---- end 03 ------------------------------------------------------------------------------------------------

