@@ -257,8 +257,9 @@ def _feed(session, inputs: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def flip_lsb(model: nn.Module, inputs: tuple[Tensor, ...]) -> float:
-    """The output step of one input-code flip in the last quantized layer: ``s_in * max|W_q|``.
+def flip_lsb(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, float]:
+    """Run ``model`` once: its output, and the output step of one input-code flip in its last quantized
+    layer, ``s_in * max|W_q|``.
 
     A rounding tie that PyTorch and ORT break differently moves one code of a layer's input by one; in the
     last layer that moves an output by at most this much. Flips in earlier layers propagate, so a few
@@ -271,14 +272,14 @@ def flip_lsb(model: nn.Module, inputs: tuple[Tensor, ...]) -> float:
         if isinstance(m, KNOWN_QUANT_MODULES)
     ]
     try:
-        model(*inputs)
+        output = model(*inputs)
     finally:
         for h in hooks:
             h.remove()
     last = order[-1]
     s_in = last.input_quant.scale.max() if last.input_quant is not None else torch.tensor(0.0)
     w = last.folded()[0] if isinstance(last, QuantConvBn2d) else last.weight
-    return float(s_in * w.abs().max()) or float(torch.finfo(torch.float32).eps)
+    return output, float(s_in * w.abs().max()) or float(torch.finfo(torch.float32).eps)
 
 
 def output_lsb(reference: np.ndarray) -> float:
@@ -337,12 +338,11 @@ def verify_onnx(
     deployed = convert(model)
     device = next((p.device for p in deployed.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        ref = deployed(*(t.to(device) for t in inputs))
+        ref, flip = flip_lsb(deployed, tuple(t.to(device) for t in inputs))
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
     session = ort_session(path, threads=threads)
     out = session.run(None, _feed(session, inputs))[0]
     diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
-    flip = flip_lsb(deployed, tuple(t.to(device) for t in inputs))
     # One output LSB: the 8-bit resolution of the output, or one input-code flip of the last layer when
     # that is coarser (low-bit grids): a tie broken the other way must not count as a mismatch.
     lsb = max(output_lsb(ref), flip)

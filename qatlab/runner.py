@@ -51,27 +51,20 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     nb = nbformat.read(src, as_version=4)
     out_dir = build_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    env_before = os.environ.get("QATLAB_FAST")
+    env = {**os.environ, "QATLAB_BUILD": str(build_dir.resolve())}  # the kernel's environment, not ours
     if fast:
-        os.environ["QATLAB_FAST"] = "1"  # the kernel inherits the environment
-    os.environ["QATLAB_BUILD"] = str(build_dir.resolve())
+        env["QATLAB_FAST"] = "1"
     start = time.perf_counter()
     status, error = "ok", ""
     try:
         client = NotebookClient(
             nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(build_dir)}}
         )
-        client.execute()
+        client.execute(env=env)
     except CellExecutionError as exc:
         status, error = "failed", _describe(exc)
     except Exception as exc:  # kernel died, timeout: report it, keep going with the next notebook
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
-    finally:
-        if fast:
-            if env_before is None:
-                os.environ.pop("QATLAB_FAST", None)
-            else:
-                os.environ["QATLAB_FAST"] = env_before
     seconds = time.perf_counter() - start
     _atomic_write(out_dir / src.name, nbformat.writes(nb))
     try:  # an HTML copy for reading without Jupyter

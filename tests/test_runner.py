@@ -1,5 +1,7 @@
 """`make run`'s executor: rendered notebooks, summary, failures reported, empty folder handled."""
 
+import os
+
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -19,7 +21,9 @@ def test_runs_notebooks_and_writes_summary(tmp_path):
         "open('made.txt', 'w').write(os.environ['QATLAB_FAST'])\nx",
     )
     _write(nbs / "02_bad.ipynb", "assert 1 + 1 == 3, 'claim failed'")
+    env_before = dict(os.environ)
     assert main([str(nbs), str(build), "--fast"]) == 1  # one notebook failed
+    assert dict(os.environ) == env_before  # the kernel got its own environment; ours is untouched
     done = nbformat.read(build / "notebooks" / "01_ok.ipynb", as_version=4)
     assert done.cells[1].outputs[0]["data"]["text/plain"] == "42"
     assert (build / "made.txt").read_text() == "1"  # ran in build/, in fast mode
