@@ -138,6 +138,23 @@ def _subset(n: int, size: int | None, default_fast: int, seed: int, name: str) -
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
+def reseed(loader: Any, seed: int) -> bool:
+    """Restart ``loader``'s shuffle order at ``seed`` (its sampler's own generator); True when it had one.
+
+    The lab's train loaders shuffle with a dedicated generator that advances with every pass, so the batches a
+    run sees would depend on what ran before it. :func:`qatlab.fit` and the experiments call this first: same
+    seed, same batches, whatever ran earlier. Loaders without a seeded generator (plain lists, unshuffled or
+    globally seeded loaders) are left alone and False is returned.
+    """
+    gen = getattr(getattr(loader, "sampler", None), "generator", None)
+    if gen is None:
+        gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)
+        return True
+    return False
+
+
 def _make_loaders(train: tuple, test: tuple, batch_size: int, seed: int, workers: int = 0) -> tuple:
     # A dedicated generator makes the shuffle order a function of the seed alone, not of global RNG state.
     gen = torch.Generator().manual_seed(seed)

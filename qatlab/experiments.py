@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.config import QATConfig
+from qatlab.data import reseed
 from qatlab.prepare import calibrate, prepare_qat, ptq
 from qatlab.quant import sqnr
 
@@ -39,9 +40,12 @@ def ptq_sweep(
     calib_batches: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    calib_seed: int = 0,
     **labels: Any,
 ) -> pd.DataFrame:
     """PTQ accuracy and output SQNR (logits vs the float model's) for each config: one row per config.
+
+    Every config calibrates on the same batches (the loader is reseeded with ``calib_seed`` before each).
 
     Extra keyword arguments become constant columns (e.g. ``seed=0``).
     """
@@ -50,6 +54,7 @@ def ptq_sweep(
     ref, y = _logits(model.to(device), test_loader, device)
     rows = []
     for label, cfg in tqdm(configs.items(), desc="PTQ sweep", disable=not progress, leave=False):
+        reseed(calib_loader, calib_seed)
         q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
         out, _ = _logits(q, test_loader, device)
         w, a = cfg.weight, cfg.activation
@@ -87,6 +92,7 @@ def qat_run(
     calibrated: bool = True,
     calib_batches: int = 8,
     freeze_bn_epoch: int | None = None,
+    freeze_observer_epoch: int | None = None,
     epochs: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -97,7 +103,8 @@ def qat_run(
 
     ``steps`` optimizer steps per epoch for ``epochs`` epochs. ``calibrated=False`` starts from raw
     ranges: the observers first see the first training batch (train-mode BatchNorm), as a QAT run that
-    skips calibration does.
+    skips calibration does. The train loader is reseeded with ``seed`` before calibration and again by fit,
+    so the result does not depend on what ran before.
 
     Returns:
         A row: the labels, ``acc`` (final test accuracy), ``ptq_acc`` (before fine-tuning, NaN when not
@@ -109,6 +116,7 @@ def qat_run(
     qat = prepare_qat(model, config).to(device)
     ptq_acc = float("nan")
     if calibrated:
+        reseed(train_loader, seed)
         calibrate(qat, train_loader, num_batches=calib_batches, device=device)
         ptq_acc = evaluate(qat, test_loader, device=device)["acc"]
     start = time.perf_counter()
@@ -122,6 +130,7 @@ def qat_run(
         seed=seed,
         max_steps_per_epoch=steps,
         freeze_bn_epoch=freeze_bn_epoch,
+        freeze_observer_epoch=freeze_observer_epoch,
         val_loader=test_loader,
         device=device,
         progress=progress,

@@ -18,6 +18,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from qatlab.data import reseed
+
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "bn_frozen",
                    "observers_frozen", "time_s")  # fmt: skip
 _OPTIMIZERS = ("sgd", "adam")
@@ -155,8 +157,9 @@ def fit(
 
     The LR follows `lr_at` per step. At the start of epoch `freeze_bn_epoch` (0-based) it calls
     `qatlab.prepare.freeze_bn_stats(model)`, at the start of `freeze_observer_epoch` `freeze_observers(model)`
-    (0 = ranges never update during fit; an epoch beyond the run never fires). `torch.manual_seed(seed)` runs
-    first: same seed and loader, same numbers. On KeyboardInterrupt (the notebook's stop button) fit warns and
+    (0 = ranges never update during fit; an epoch beyond the run never fires). `torch.manual_seed(seed)` and
+    `qatlab.data.reseed(train_loader, seed)` run first: same seed and loader, same batches and numbers, whatever
+    ran before. On KeyboardInterrupt (the notebook's stop button) fit warns and
     returns the finished epochs' history instead of raising; the model keeps the weights of its last step.
     A NaN/inf loss raises FloatingPointError naming the epoch and step.
 
@@ -188,6 +191,7 @@ def fit(
     steps = _steps_per_epoch(train_loader, max_steps_per_epoch)
     device = torch.device(device)
     torch.manual_seed(seed)
+    reseed(train_loader, seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

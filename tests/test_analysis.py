@@ -76,3 +76,16 @@ def test_qat_run_row(setup):
     assert 0 < r["ptq_acc"] <= 1
     raw = experiments.qat_run(model, cfg, train, test, steps=10, lr=0.01, calibrated=False)
     assert math.isnan(raw["ptq_acc"]) and 0 < raw["acc"] <= 1
+
+
+def test_qat_run_does_not_depend_on_what_ran_before(setup):
+    """The train loader's shuffle generator advances with every pass; qat_run reseeds it (calibration and fit)."""
+    model, train, test = setup
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True), activation=QuantSpec(bits=4))
+    a = experiments.qat_run(model, cfg, train, test, steps=5, lr=0.01, calib_batches=2, seed=1)
+    for _ in train:  # advance the loader's generator, as any other run would
+        pass
+    b = experiments.qat_run(model, cfg, train, test, steps=5, lr=0.01, calib_batches=2, seed=1)
+    assert a["ptq_acc"] == b["ptq_acc"] and a["acc"] == b["acc"]
+    for (name, pa), pb in zip(a["model"].state_dict().items(), b["model"].state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name

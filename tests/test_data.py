@@ -195,3 +195,13 @@ def test_fashion_subsets_and_fast_mode(monkeypatch) -> None:
         fashion_mnist_loaders(test_size=0)
     with pytest.raises(ValueError, match=r"batch_size=-1"):
         fashion_mnist_loaders(batch_size=-1)
+
+
+def test_reseed_restarts_the_shuffle_order() -> None:
+    train, _ = digits_loaders(batch_size=16, seed=3)
+    first = next(iter(train))[1]
+    second = next(iter(train))[1]
+    assert not torch.equal(first, second)  # the generator advanced between passes
+    assert data.reseed(train, 3) is True
+    assert torch.equal(next(iter(train))[1], first)
+    assert data.reseed([(torch.zeros(1), torch.zeros(1))], 0) is False  # a plain list: nothing to reseed
