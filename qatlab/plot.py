@@ -504,3 +504,128 @@ def hypothesis_bars(df: pd.DataFrame, title: str = "", reference: float | None =
 
 
 # ---- end 04 ------------------------------------------------------------------------------------------------
+
+
+# ---- notebook 05: 2:4 sparsity + QAT -----------------------------------------------------------------------
+
+
+def _group_rows(t: torch.Tensor, rows: int, cols: int) -> np.ndarray:
+    """(out, in, *k) -> (out * prod(k), in): one row per (out, kh, kw), input channels along the row; a corner."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])[:rows, :cols].cpu().numpy()
+
+
+def mask_pattern(weight, mask, rows: int = 8, cols: int = 32, title: str = "") -> Figure:
+    """A corner of a weight before and after 2:4 pruning, laid out as the groups run.
+
+    The weight (out, in) or (out, in, kh, kw) is shown as a matrix with one row per (out, kh, kw) position and
+    one column per input channel, so each group of 4 is 4 neighbouring cells in a row (thin lines mark the
+    groups). Axes: 0 ``|w|`` of the first ``rows`` x ``cols`` entries (``images[0]``); 1 the same after
+    masking, pruned entries blank (``images[0]`` is a masked array whose mask is the pruned entries).
+    """
+    w = torch.as_tensor(weight).detach().float()
+    m = torch.as_tensor(mask).bool()
+    dense = np.abs(_group_rows(w, rows, cols))
+    keep = _group_rows(m, rows, cols)
+    fig, axes = _new(1, 2, size=(0.22 * dense.shape[1] + 1.2, 0.3 * dense.shape[0] + 1.2))
+    vmax = float(dense.max()) or 1.0
+    for ax, data, name in (
+        (axes[0, 0], dense, "|w| dense"),
+        (axes[0, 1], np.ma.masked_array(dense, mask=~keep), "|w| after 2:4 (blank = pruned)"),
+    ):
+        ax.imshow(data, cmap="viridis", vmin=0.0, vmax=vmax, aspect="equal", interpolation="nearest")
+        for x in np.arange(3.5, dense.shape[1] - 1, 4):
+            ax.axvline(x, color="w", lw=1.2)
+        ax.set(title=name, xlabel="input channel (groups of 4)", ylabel="output row")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def stage_bars(
+    df: pd.DataFrame, x: str = "stage", y: str = "acc", color: str | None = None, reference: float | None = None,
+    title: str = "", ylabel: str = "test accuracy",
+) -> Figure:  # fmt: skip
+    """One bar of ``y`` per row of ``df`` (in order), labelled by column ``x``, its value printed on top.
+
+    ``color``: a column whose values pick the colour (e.g. "FP32" / "W4A4"), with a legend; ``reference``: a
+    dashed horizontal line (e.g. the dense FP32 accuracy). The y axis zooms to the values.
+    """
+    values = df[y].to_numpy(dtype=float)
+    fig, axes = _new(1, 1, size=(max(6.0, 1.0 * len(df)), 3.8))
+    ax = axes[0][0]
+    groups = list(dict.fromkeys(df[color])) if color else [None]
+    colors = [f"C{groups.index(g)}" for g in df[color]] if color else ["C0"] * len(df)
+    bars = ax.bar(np.arange(len(df)), values, color=colors, alpha=0.8)
+    for rect, v in zip(bars, values, strict=True):
+        ax.text(
+            rect.get_x() + rect.get_width() / 2, v, f"{100 * v:.2f}", ha="center", va="bottom", fontsize=8
+        )
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label="dense FP32")
+    if color:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=f"C{k}", alpha=0.8, label=str(g)) for k, g in enumerate(groups)]
+        ax.legend(handles=handles + ax.get_lines(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    top = max(values.max(), reference if reference is not None else -np.inf)
+    ax.set_ylim(max(0.0, values.min() - 0.02), min(1.0, top + 0.01))
+    ax.set_xticks(np.arange(len(df)), df[x], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def layer_sparsity(df: pd.DataFrame, columns: tuple[str, ...] = ("zeros",), title: str = "") -> Figure:
+    """Per layer (column ``layer``, rows in order), one bar per entry of ``columns`` (fractions in [0, 1]).
+
+    The dashed line at 0.5 is the 2:4 level. With a column ``eligible``, layers that cannot take 2:4 get
+    "(dense)" in their tick label. ``axes[0].patches`` are the bars, column by column.
+    """
+    fig, axes = _new(1, 1, size=(max(6.0, 1.1 * len(df)), 3.6))
+    ax = axes[0][0]
+    pos = np.arange(len(df))
+    width = 0.8 / len(columns)
+    for k, col in enumerate(columns):
+        ax.bar(pos + (k - (len(columns) - 1) / 2) * width, df[col].to_numpy(dtype=float), width, label=col)
+    ax.axhline(0.5, color="k", ls="--", lw=1, label="2:4 (half of each group)")
+    dense = ~df["eligible"].to_numpy(dtype=bool) if "eligible" in df else np.zeros(len(df), dtype=bool)
+    labels = [f"{name}\n(dense)" if d else name for name, d in zip(df["layer"], dense, strict=True)]
+    ax.set_xticks(pos, labels, fontsize=8)
+    ax.set(ylim=(0.0, 1.0), ylabel="fraction of weights", title=title or "zeros per layer")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def pruning_curves(df: pd.DataFrame, reference: float | None = None, title: str = "") -> Figure:
+    """Sparse fine-tuning runs per epoch (column ``run``; rows with ``epoch``, ``fraction``, ``val_acc``).
+
+    Axes: 0 the share of 4-groups pruned at each epoch (line k: run k); 1 the test accuracy after each epoch
+    (line k: run k; then the ``reference`` line, e.g. dense FP32). Epoch 0 is the model before fine-tuning.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _new(1, 2, size=(5.0, 3.4))
+    ax_f, ax_a = axes[0]
+    for k, (run, part) in enumerate(df.groupby("run", sort=False)):
+        ep = part["epoch"].to_numpy(dtype=float)
+        ax_f.plot(ep, part["fraction"].to_numpy(dtype=float), "o-", color=f"C{k}", label=str(run))
+        ax_a.plot(ep, part["val_acc"].to_numpy(dtype=float), "o-", color=f"C{k}", label=str(run))
+    if reference is not None:
+        ax_a.axhline(reference, color="k", ls="--", lw=1, label="dense FP32")
+    ax_f.set(xlabel="epoch", ylabel="share of 4-groups pruned", ylim=(-0.05, 1.05), title="pruning schedule")
+    ax_a.set(xlabel="epoch", ylabel="test accuracy", title="accuracy while fine-tuning")
+    for ax in (ax_f, ax_a):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---- end 05 ------------------------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def fit(
     freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None,
     val_loader: Iterable | None = None, device: str | torch.device = "cpu", seed: int = 0,
     progress: bool = True, loss_fn: LossFn | None = None, max_steps_per_epoch: int | None = None,
+    on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Train `model` in place (moved to `device`, left in train mode) and return its history.
 
@@ -162,6 +164,10 @@ def fit(
     ran before. On KeyboardInterrupt (the notebook's stop button) fit warns and
     returns the finished epochs' history instead of raising; the model keeps the weights of its last step.
     A NaN/inf loss raises FloatingPointError naming the epoch and step.
+
+    `on_epoch_start(epoch, model)` runs at the start of each epoch (0-based), after the freezes: e.g. a pruning
+    schedule or `DistributedSampler.set_epoch`. `on_epoch_end(epoch, model, row)` gets the epoch's history row
+    (a dict it may update in place, e.g. with a loss averaged over ranks) before it is stored: e.g. a checkpoint.
 
     Returns:
         One row per finished epoch: epoch (1-based), train_loss, train_acc (training-mode forward passes),
@@ -214,13 +220,18 @@ def fit(
             if epoch == freeze_observer_epoch:
                 importlib.import_module("qatlab.prepare").freeze_observers(model)
                 observers_frozen = True
+            if on_epoch_start is not None:
+                on_epoch_start(epoch, model)
             train_loss, train_acc, lr_used = _train_epoch(
                 model, train_loader, opt, sched, loss_fn, device, steps, epoch, progress
             )
             val = _NO_VAL if val_loader is None else evaluate(model, val_loader, device, loss_fn)
             values = (epoch + 1, train_loss, train_acc, val["loss"], val["acc"], lr_used)
             values += (bn_frozen, observers_frozen, time.perf_counter() - start)
-            rows.append(dict(zip(HISTORY_COLUMNS, values, strict=True)))
+            row = dict(zip(HISTORY_COLUMNS, values, strict=True))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model, row)
+            rows.append(row)
             bar.set_postfix(train_loss=f"{train_loss:.4f}", val_acc=f"{val['acc']:.4f}", refresh=False)
     except KeyboardInterrupt:
         warnings.warn(

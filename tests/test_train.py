@@ -281,3 +281,23 @@ def test_fit_and_evaluate_on_cuda(digits):
     assert next(model.parameters()).device.type == "cuda"
     assert history["val_acc"].iloc[-1] > 0.8
     assert evaluate(model, test_loader, device=torch.device("cuda"))["n"] == len(digits[1])
+
+
+def test_epoch_callbacks_see_each_epoch_and_can_update_the_row(digits):
+    train_loader, _ = loaders(digits)
+    model, calls = make_model(), []
+
+    def start(epoch, m):
+        assert m is model
+        calls.append(("start", epoch, float(m[1].weight.detach().sum())))
+
+    def end(epoch, m, row):
+        calls.append(("end", epoch, row["epoch"]))
+        row["train_loss"] = 123.0 + epoch  # e.g. a loss averaged over ranks
+
+    history = fit(model, train_loader, epochs=2, lr=0.1, progress=False, max_steps_per_epoch=3,
+                  on_epoch_start=start, on_epoch_end=end)  # fmt: skip
+    assert [c[:2] for c in calls] == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    assert [c[2] for c in calls if c[0] == "end"] == [1, 2]  # the 1-based epoch of the row
+    assert calls[0][2] != calls[2][2]  # epoch 1 starts from the weights epoch 0 trained
+    assert list(history["train_loss"]) == [123.0, 124.0]
