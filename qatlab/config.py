@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
@@ -190,6 +190,28 @@ class QATConfig:
                 raise type(exc)(
                     f"keep_bits={self.keep_bits!r} is invalid: {exc} (or None to keep float)"
                 ) from None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (specs as dicts); :meth:`from_dict` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QATConfig:
+        """Rebuild a config from :meth:`to_dict`'s output (e.g. read from a JSON run file)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"from_dict needs a dict (QATConfig.to_dict() output), got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"unknown QATConfig fields {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}"
+            )
+        d = dict(d)
+        for key in ("weight", "activation"):
+            if isinstance(d.get(key), dict):
+                d[key] = QuantSpec(**d[key])
+        if "keep" in d:
+            d["keep"] = tuple(d["keep"])
+        return cls(**d)
 
     def spec_for(self, kind: str, keep: bool) -> QuantSpec | None:
         """The spec used for ``kind`` ("weight" or "activation") of a layer; ``None`` means float."""

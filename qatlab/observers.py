@@ -35,12 +35,41 @@ _MAX_MSE_SAMPLES = 1 << 16
 _MSE_GRID = torch.linspace(0.3, 1.0, 36)
 
 
+def _sync_range(lo: Tensor, hi: Tensor, average: bool) -> tuple[Tensor, Tensor]:
+    """Combine one batch's range over all ranks of the default process group (a no-op without one).
+
+    Min/max observers take the min of the mins and the max of the maxes: the range of the global batch.
+    Averaging estimators (percentile, MSE) average the ranks' estimates. Every rank must call this the same
+    number of times (it is a collective), which DDP's lockstep training guarantees.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lo, hi
+    lo, hi = lo.clone(), hi.clone()
+    if average:
+        both = torch.stack([lo, hi])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        both /= dist.get_world_size()
+        return both[0], both[1]
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return lo, hi
+
+
 class Observer(nn.Module):
     """Base observer: keeps ``min_val``/``max_val`` buffers ((1,) per tensor, (C,) per channel).
 
     Calling it on a tensor updates the range and returns the tensor unchanged. ``qparams()`` turns the range
     into (scale, zero_point). The buffers are in the state dict, so a calibrated model saves and loads.
+
+    ``sync_ranks`` (off by default; ``qatlab.distributed.sync_observers`` turns it on): each batch's range is
+    combined over all ranks of the process group before it is merged, so every rank holds the same range,
+    the one of the global batch (torch.ao's observers keep per-rank ranges).
     """
+
+    sync_ranks: bool = False
+    _averages_batches: bool = False
 
     def __init__(self, spec: QuantSpec, num_channels: int | None = None) -> None:
         super().__init__()
@@ -88,6 +117,8 @@ class Observer(nn.Module):
                 "(check the calibration data and the model's float outputs)"
             )
         lo, hi = self._batch_range(rows)
+        if self.sync_ranks:
+            lo, hi = _sync_range(lo, hi, self._averages_batches)
         if not bool(self.initialized):
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
@@ -129,6 +160,8 @@ class EMAObserver(Observer):
 
 class _AveragingObserver(Observer):
     """Averages a per-batch range estimate over batches (equal weights)."""
+
+    _averages_batches = True
 
     def _combine(self, lo: Tensor, hi: Tensor) -> None:
         n = float(self.num_batches)  # batches already merged

@@ -195,3 +195,22 @@ def test_spec_for_weights_only() -> None:
     assert cfg.spec_for("activation", keep=False) is None
     assert cfg.spec_for("activation", keep=True) is None
     assert cfg.spec_for("weight", keep=True).bits == 8
+
+
+def test_qat_config_dict_round_trip_through_json():
+    import json
+
+    for cfg in (
+        QATConfig(),
+        QATConfig(
+            weight=QuantSpec(bits=4, symmetric=True, per_channel=True), activation=None, keep=("first",)
+        ),
+        QATConfig(
+            activation=QuantSpec(bits=6, observer="percentile", ste="lsq"), bn_mode="fold", keep_bits=8
+        ),
+    ):
+        assert QATConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown QATConfig fields"):
+        QATConfig.from_dict({"wieght": {}})
+    with pytest.raises(TypeError, match="from_dict needs a dict"):
+        QATConfig.from_dict([1])

@@ -472,3 +472,14 @@ def test_make_observer_returns_the_named_class(name: str, cls: type[Observer]) -
     pc = make_observer(QuantSpec(observer=name, per_channel=True), 7)
     assert type(pc) is cls and pc.min_val.shape == (7,) and pc.max_val.shape == (7,)
     assert pc.spec.observer == name
+
+
+def test_sync_ranks_outside_a_process_group_changes_nothing():
+    """Without torch.distributed initialised, a synced observer behaves as a plain one (the sync is a no-op)."""
+    spec = QuantSpec(bits=8, observer="ema")
+    a, b = make_observer(spec), make_observer(spec)
+    b.sync_ranks = True
+    for x in (torch.randn(100), 3 * torch.randn(100) + 1):
+        a(x)
+        b(x)
+    assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)

@@ -1,0 +1,367 @@
+"""QAT under DistributedDataParallel: prepare first, then wrap; observers in sync across ranks; a torchrun entry.
+
+The order matters (AIMET's lesson): :func:`qatlab.prepare_qat` builds a new model with new parameters, so it
+must run before ``DistributedDataParallel`` wraps the model; passing a DDP-wrapped model to ``prepare_qat``
+raises an error that says so. DDP keeps the parameters (and so the weight ranges and learned scales) equal
+across ranks by averaging gradients, but activation observers see only their rank's batch: torch.ao's
+observers keep per-rank ranges. :func:`sync_observers` makes every activation observer combine each batch's
+range over all ranks (min of mins, max of maxes), so every rank holds the range of the global batch.
+
+Launch (gloo on CPU, nccl on GPU)::
+
+    torchrun --standalone --nproc_per_node=2 -m qatlab.distributed --config run.json --out build/ddp
+
+``run.json`` holds a :class:`RunConfig` (``RunConfig().to_json()`` writes one); :func:`launch` does all of it
+from Python and returns the result, and ``world_size=1`` (plain ``python -m qatlab.distributed``) is the
+single-process run at the same global batch, for comparison. Rank 0 shows progress, writes a checkpoint and the
+history after every epoch, exports ONNX and writes ``result.json``; all files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from qatlab.config import QATConfig
+from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
+
+
+@dataclass
+class RunConfig:
+    """One QAT run, the same for 1 or N processes (JSON-ready).
+
+    Args:
+        model, model_kwargs: a :func:`qatlab.models.build_model` name and its arguments.
+        dataset: "auto" (Fashion-MNIST when installed, else digits), "fashion_mnist" or "digits".
+        train_size, test_size: Fashion-MNIST subset sizes (None: full, or the fast-mode default).
+        float_checkpoint: a float state dict to start from (e.g. ``zoo.trained_cnn(...)[2]["checkpoint"]``).
+        qat: a :class:`QATConfig` or its ``to_dict()`` (stored as the dict).
+        global_batch: examples per optimizer step over all ranks; each rank takes ``global_batch / world``.
+        epochs, steps_per_epoch, lr, optimizer, schedule, momentum: as in :func:`qatlab.fit`.
+        calib_batches: batches per rank for PTQ calibration before QAT (0: start from the first batch's ranges).
+        sync_observers: combine activation ranges over ranks (see :func:`sync_observers`).
+        export: export the final model to ONNX from rank 0 and check it in ONNX Runtime.
+        device: "auto" (the rank's GPU when CUDA is there, else CPU), "cpu" or "cuda".
+    """
+
+    model: str = "cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "auto"
+    train_size: int | None = None
+    test_size: int | None = None
+    float_checkpoint: str | None = None
+    qat: dict[str, Any] = field(default_factory=lambda: QATConfig().to_dict())
+    global_batch: int = 64
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    lr: float = 2.5e-3
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    momentum: float = 0.9
+    calib_batches: int = 8
+    seed: int = 0
+    sync_observers: bool = True
+    export: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.global_batch, int) or self.global_batch < 1:
+            raise ValueError(f"global_batch={self.global_batch!r} must be a positive int, e.g. 64")
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 0:
+            raise ValueError(f"calib_batches={self.calib_batches!r} must be an int >= 0 (0: no calibration)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if isinstance(self.qat, QATConfig):
+            self.qat = self.qat.to_dict()
+        # validated, and in its JSON form (lists, not tuples) so a config equals itself read back
+        self.qat = json.loads(json.dumps(QATConfig.from_dict(self.qat).to_dict()))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        _write_atomic(path, json.dumps(asdict(self), indent=1).encode())
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> RunConfig:
+        d = json.loads(Path(path).read_text())
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown RunConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def sync_observers(model: nn.Module, enabled: bool = True) -> int:
+    """Make the activation observers of ``model`` combine every batch's range over all ranks.
+
+    Weight observers are left alone: DDP keeps the weights equal on every rank, so their ranges are equal
+    without communication. Returns the number of observers switched. Call it on the prepared model, on every
+    rank, before calibration; outside a process group it changes nothing.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear, QuantConvBn2d)) and m.input_quant is not None:
+            m.input_quant.observer.sync_ranks = enabled
+            n += 1
+    if n == 0:
+        raise ValueError("model has no activation quantizers to sync; pass a model from prepare_qat")
+    return n
+
+
+def rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's parameters, BN statistics and quantizer ranges/qparams (CPU copies), keyed by name."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    keep = ("weight", "bias", "scale", "zero_point", "min_val", "max_val", "running_mean", "running_var")
+    return {
+        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in keep
+    }
+
+
+def rank_differences(states: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Largest |difference| between ranks, per kind: ``param`` (weights, biases, learned scales), ``range``
+    (observer min/max), ``qparams`` (scale, zero point) and ``bn`` (running statistics)."""
+    kinds = {"weight": "param", "bias": "param", "min_val": "range", "max_val": "range", "scale": "qparams",
+             "zero_point": "qparams", "running_mean": "bn", "running_var": "bn"}  # fmt: skip
+    out = {k: 0.0 for k in ("param", "range", "qparams", "bn")}
+    for name, ref in states[0].items():
+        kind = kinds[name.rsplit(".", 1)[-1]]
+        for other in states[1:]:
+            diff = (other[name].double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+            out[kind] = max(out[kind], diff)
+    return out
+
+
+def _setup() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group when torchrun started several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, world, local
+
+
+def _device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but CUDA is not available; use device='auto' or 'cpu'")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _datasets(cfg: RunConfig):
+    from qatlab.data import fashion_mnist_available, loaders
+
+    name = cfg.dataset
+    if name == "auto":
+        name = "fashion_mnist" if fashion_mnist_available() else "digits"
+    kwargs: dict[str, Any] = {"seed": cfg.seed}
+    if name == "fashion_mnist":
+        kwargs.update(train_size=cfg.train_size, test_size=cfg.test_size)
+    train, test = loaders(name, **kwargs)
+    return name, train.dataset, test.dataset
+
+
+def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Run QAT with ``cfg`` on every rank of this job (or alone); rank 0 returns the result, others None.
+
+    Steps: build the float model (and load ``float_checkpoint``), :func:`qatlab.prepare_qat`, sync the
+    observers, calibrate on each rank's shard (synced: the ranges of the union), then wrap in DDP and
+    :func:`qatlab.fit` with a ``DistributedSampler`` (``set_epoch`` every epoch). After every epoch rank 0
+    saves ``checkpoint.pt`` (QAT state dict + history so far) and ``history.csv``. At the end every rank's
+    parameters and ranges are gathered and compared, and rank 0 evaluates, exports and writes ``result.json``.
+    """
+    from qatlab.models import build_model
+    from qatlab.prepare import calibrate, prepare_qat
+    from qatlab.train import evaluate, fit
+
+    out = Path(out_dir)
+    rank, world, local = _setup()
+    device = _device(cfg.device, local)
+    if cfg.global_batch % world:
+        raise ValueError(f"global_batch={cfg.global_batch} is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")  # fmt: skip
+    start = time.perf_counter()
+    dataset, train_set, test_set = _datasets(cfg)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)  # fmt: skip
+    train = DataLoader(train_set, batch_size=cfg.global_batch // world, sampler=sampler, drop_last=True)
+    test = DataLoader(test_set, batch_size=256)
+
+    torch.manual_seed(cfg.seed)
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "mlp" and dataset == "digits":
+        kwargs.setdefault("in_features", 64)
+    model = build_model(cfg.model, **kwargs)
+    if cfg.float_checkpoint:
+        model.load_state_dict(torch.load(cfg.float_checkpoint, map_location="cpu", weights_only=True))
+    float_acc = evaluate(model.to(device), test, device=device)["acc"] if rank == 0 else float("nan")
+
+    qat = prepare_qat(model, QATConfig.from_dict(cfg.qat)).to(device)  # prepare first ...
+    if cfg.sync_observers:
+        sync_observers(qat)
+    ptq_acc = float("nan")
+    if cfg.calib_batches:
+        sampler.set_epoch(0)
+        calibrate(qat, train, num_batches=cfg.calib_batches, device=device)
+        ptq_acc = evaluate(qat, test, device=device)["acc"] if rank == 0 else ptq_acc
+    trained: nn.Module = qat
+    if world > 1:  # ... then wrap
+        trained = nn.parallel.DistributedDataParallel(
+            qat, device_ids=[local] if device.type == "cuda" else None
+        )
+
+    def on_epoch_start(epoch: int, _model: nn.Module) -> None:
+        sampler.set_epoch(epoch)
+
+    def on_epoch_end(epoch: int, _model: nn.Module, row: dict[str, Any]) -> None:
+        if world > 1:  # the loss and accuracy of the global batch, not rank 0's share
+            t = torch.tensor([row["train_loss"], row["train_acc"]], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            row["train_loss"], row["train_acc"] = (t / world).tolist()
+        if rank == 0:
+            history.append(dict(row))
+            _save_atomic({"qat_state_dict": qat.state_dict(), "history": history, "config": asdict(cfg)},
+                         out / "checkpoint.pt")  # fmt: skip
+            import pandas as pd
+
+            _write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False).encode())
+
+    history: list[dict[str, Any]] = []
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    fit(trained, train, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule,
+        momentum=cfg.momentum, seed=cfg.seed, device=device, progress=rank == 0,
+        max_steps_per_epoch=cfg.steps_per_epoch, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)  # fmt: skip
+
+    state = rank_state(qat)
+    if world > 1:
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, state)
+    else:
+        states = [state]
+    result = None
+    if rank == 0:
+        result = {
+            "world_size": world, "backend": dist.get_backend() if world > 1 else "none", "device": str(device),
+            "dataset": dataset, "float_acc": float_acc, "ptq_acc": ptq_acc,
+            "acc": evaluate(qat, test, device=device)["acc"], "history": history,
+            "rank_differences": rank_differences(states), "seconds": time.perf_counter() - start,
+            "config": asdict(cfg),
+        }  # fmt: skip
+        _save_atomic(qat.state_dict(), out / "qat_model.pt")
+        if cfg.export:
+            result["onnx"] = _export(qat, test, out / "model.onnx")
+        _write_atomic(out / "result.json", json.dumps(result, indent=1).encode())
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _export(qat: nn.Module, test: DataLoader, path: Path) -> dict[str, Any]:
+    from qatlab.export import export_onnx, verify_onnx
+
+    x = next(iter(test))[0][:256].cpu()
+    model = qat.to("cpu").eval()
+    export_onnx(model, path, x[:1])
+    parity = verify_onnx(model, path, x)
+    return {"path": str(path), **{k: v for k, v in parity.items() if k != "layers"}}
+
+
+def launch(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    nproc: int = 2,
+    timeout: float = 1800,
+    threads: int | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Run :func:`run` in ``nproc`` processes with ``torchrun`` (``nproc=1``: one plain process) and return
+    ``result.json``.
+
+    The output is streamed (rank 0's progress); on failure the error carries the last lines of the log.
+    ``threads`` per process defaults to the CPU count divided by ``nproc`` (at least 1), so that N processes
+    on a small machine do not fight over cores.
+    """
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc={nproc!r} must be a positive int (processes to start)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)
+    config_path = cfg.to_json(out / "run.json")
+    entry = ["-m", "qatlab.distributed", "--config", str(config_path), "--out", str(out)]
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *entry,
+        ]
+    else:
+        cmd = [sys.executable, *entry]
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo and not line.startswith(("[W", "W1", "*****")):
+                print(line, end="", flush=True)
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"distributed run exceeded {timeout} s; log tail:\n{''.join(lines[-30:])}")
+        code = proc.wait()
+    if code != 0 or not (out / "result.json").exists():
+        raise RuntimeError(f"distributed run failed (exit {code}): {' '.join(cmd)}\n{''.join(lines[-40:])}")
+    return json.loads((out / "result.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qatlab.distributed", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, required=True, help="RunConfig JSON (RunConfig().to_json(path))"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(RunConfig.from_json(args.config), args.out)
+        if result is not None:
+            keep = ("world_size", "float_acc", "ptq_acc", "acc", "rank_differences", "seconds")
+            print(json.dumps({k: result[k] for k in keep}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

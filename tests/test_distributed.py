@@ -1,0 +1,123 @@
+"""QAT under DDP (gloo, 2 CPU processes via torchrun): ranks hold identical parameters and ranges, synced ranges
+are the min/max over the data of both ranks, 2 ranks equal 1 process at the same global batch, and the wrong
+wrap order raises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import qatlab
+from qatlab import QATConfig, QuantSpec
+from qatlab.distributed import RunConfig, launch, rank_differences, sync_observers
+from qatlab.models import MLP
+
+HERE = Path(__file__).parent
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _torchrun(tmp_path: Path, mode: str) -> list[dict[str, list[float]]]:
+    out = tmp_path / f"ranges_{mode}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "ddp_observer_worker.py"), str(out), mode]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_synced_ranges_are_the_min_max_over_both_ranks(tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        from ddp_observer_worker import rank_data
+    finally:
+        sys.path.remove(str(HERE))
+    data = [rank_data(r) for r in range(2)]
+    synced = _torchrun(tmp_path, "sync")
+    assert synced[0] == synced[1]  # every rank holds the same ranges
+    lo, hi = synced[0]["features.1"]  # the first layer sees the raw inputs
+    assert lo == pytest.approx(min(float(d.min()) for d in data), abs=1e-6)
+    assert hi == pytest.approx(max(float(d.max()) for d in data), abs=1e-6)
+    # Without the sync each rank keeps the range of its own data (what torch.ao's observers do).
+    alone = _torchrun(tmp_path, "nosync")
+    for rank in range(2):
+        lo, hi = alone[rank]["features.1"]
+        assert lo == pytest.approx(float(data[rank].min()), abs=1e-6)
+        assert hi == pytest.approx(float(data[rank].max()), abs=1e-6)
+    assert alone[0]["features.1"] != alone[1]["features.1"]
+
+
+def _cfg(**changes) -> RunConfig:
+    qat = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True),
+                    activation=QuantSpec(bits=8, observer="ema"))  # fmt: skip
+    base = dict(model="mlp", model_kwargs={"hidden": [32]}, dataset="digits", global_batch=32, epochs=2,
+                steps_per_epoch=8, lr=0.05, calib_batches=2, qat=qat.to_dict())  # fmt: skip
+    return RunConfig(**{**base, **changes})
+
+
+def test_two_ranks_equal_one_process_at_the_same_global_batch(tmp_path):
+    two = launch(_cfg(), tmp_path / "two", nproc=2, echo=False)
+    one = launch(_cfg(export=False), tmp_path / "one", nproc=1, echo=False)
+    assert two["world_size"] == 2 and two["backend"] == "gloo" and one["world_size"] == 1
+    assert two["rank_differences"] == {"param": 0.0, "range": 0.0, "qparams": 0.0, "bn": 0.0}
+    a = torch.load(tmp_path / "two" / "qat_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "qat_model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name in a:  # the same sums in another order: float rounding only
+        torch.testing.assert_close(a[name].double(), b[name].double(), atol=1e-6, rtol=0, msg=name)
+    assert two["acc"] == one["acc"] and two["acc"] > two["ptq_acc"]
+    assert [h["epoch"] for h in two["history"]] == [1, 2]
+    assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], abs=1e-5)
+    assert two["onnx"]["passed"] and two["onnx"]["argmax_agreement"] == 1.0
+    for f in ("checkpoint.pt", "history.csv", "model.onnx", "result.json", "run.json"):
+        assert (tmp_path / "two" / f).exists(), f
+    ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert len(ckpt["history"]) == 2 and ckpt["config"]["global_batch"] == 32
+
+
+def test_unsynced_ranks_end_with_different_ranges(tmp_path):
+    # DDP broadcasts rank 0's buffers before each forward, so the ranks differ after their last forward:
+    # the last batch updated each rank's range with its own data only.
+    r = launch(_cfg(sync_observers=False, export=False, epochs=1), tmp_path / "nosync", nproc=2, echo=False)
+    d = r["rank_differences"]
+    assert d["range"] > 0 and d["param"] == 0.0
+
+
+def test_prepare_after_wrapping_in_ddp_raises(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(MLP(in_features=64, hidden=(8,)))
+        with pytest.raises(ValueError, match="prepare the QAT model first, then wrap it"):
+            qatlab.prepare_qat(wrapped)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_differences_and_bad_input():
+    s = {"a.weight": torch.zeros(3), "a.input_quant.observer.min_val": torch.zeros(1)}
+    t = {"a.weight": torch.tensor([0.0, 0.5, 0.0]), "a.input_quant.observer.min_val": torch.tensor([-2.0])}
+    assert rank_differences([s, t]) == {"param": 0.5, "range": 2.0, "qparams": 0.0, "bn": 0.0}
+    with pytest.raises(ValueError, match="global_batch"):
+        RunConfig(global_batch=0)
+    with pytest.raises(ValueError, match="device"):
+        RunConfig(device="tpu")
+    with pytest.raises(ValueError, match="no activation quantizers"):
+        sync_observers(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="nproc"):
+        launch(RunConfig(), "unused", nproc=0)
+
+
+def test_run_config_json_round_trip(tmp_path):
+    cfg = _cfg(lr=0.01)
+    assert RunConfig.from_json(cfg.to_json(tmp_path / "run.json")) == cfg
+    (tmp_path / "bad.json").write_text(json.dumps({"modle": "cnn"}))
+    with pytest.raises(ValueError, match="modle"):
+        RunConfig.from_json(tmp_path / "bad.json")
