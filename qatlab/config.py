@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-OBSERVERS = ("minmax", "ema", "percentile", "mse")
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "dynamic")
 STES = ("clipped", "identity", "lsq", "pact")
 BN_MODES = ("fold", "simulate", "keep")
 MIN_BITS, MAX_BITS = 2, 16
@@ -52,7 +52,9 @@ class QuantSpec:
         per_channel: one scale per slice along ``ch_axis`` instead of one per tensor.
         ch_axis: channel axis for per-channel quantization (0 for conv/linear weights).
         narrow_range: drop the most negative code of a symmetric grid (e.g. -127..127 at 8 bits).
-        observer: range estimator: ``"minmax"``, ``"ema"`` (moving-average min-max), ``"percentile"``, ``"mse"``.
+        observer: range estimator: ``"minmax"``, ``"ema"`` (moving-average min-max), ``"percentile"``, ``"mse"``;
+            or ``"dynamic"``: no stored range, each tensor is quantized with its own min/max at run time
+            (per tensor, activations only, a fixed estimator: no learned scale).
         ste: straight-through estimator: ``"clipped"`` (gradient 1 inside the range, 0 outside),
             ``"identity"`` (1 everywhere), ``"lsq"`` (learned scale, Esser et al. 2019) or ``"pact"``
             (learned clipping value, Choi et al. 2018).
@@ -91,6 +93,11 @@ class QuantSpec:
             raise TypeError(f"ch_axis={self.ch_axis!r} must be an int (0 for conv/linear weights)")
         _check_choice("observer", self.observer, OBSERVERS)
         _check_choice("ste", self.ste, STES)
+        if self.observer == "dynamic" and (self.per_channel or self.ste in ("lsq", "pact")):
+            raise ValueError(
+                "observer='dynamic' computes a per-tensor range from each tensor at run time: use "
+                "per_channel=False and ste='clipped' or 'identity'"
+            )
         if self.narrow_range and not self.symmetric:
             raise ValueError(
                 "narrow_range=True needs symmetric=True (it drops the most negative signed code)"
@@ -176,6 +183,10 @@ class QATConfig:
             raise ValueError(
                 "activation.per_channel=True is not supported: activations are quantized per tensor "
                 "(use per_channel=False)"
+            )
+        if self.weight.observer == "dynamic":
+            raise ValueError(
+                "weight.observer='dynamic' is for activations; weights use a stored range (e.g. 'minmax')"
             )
         if self.weight.ste == "pact":
             raise ValueError("weight.ste='pact' is not supported: PACT learns an activation clip; use 'lsq'")

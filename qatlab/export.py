@@ -135,7 +135,14 @@ def check_exportable(model: nn.Module, opset: int) -> None:
         raise ValueError(f"opset={opset} is too old for per-axis QDQ export; use opset=21 (the default)")
     for name, m in model.named_modules():
         has_q = any(isinstance(c, FakeQuantizer) for c in m.children())
-        if has_q and not isinstance(m, KNOWN_QUANT_MODULES) and not isinstance(m, FakeQuantizer):
+        # a container of quantizers called from its parent's forward (transformer.quantize_attention) is fine
+        standalone = isinstance(m, nn.ModuleDict) and all(isinstance(c, FakeQuantizer) for c in m.children())
+        if (
+            has_q
+            and not isinstance(m, KNOWN_QUANT_MODULES)
+            and not isinstance(m, FakeQuantizer)
+            and not standalone
+        ):
             raise ValueError(
                 f"module {name!r} of type {type(m).__name__} holds quantizers but export does not know that layer "
                 f"type; known: {', '.join(t.__name__ for t in KNOWN_QUANT_MODULES)}"
@@ -440,19 +447,25 @@ def integer_kernel_count(counts: dict[str, int]) -> int:
 
 
 def export_float_onnx(
-    model: nn.Module, path: str | os.PathLike, example_input: Tensor, opset: int = 21
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor,
+    opset: int = 21,
+    dynamic_dims: dict[int, str] | None = None,
 ) -> Path:
-    """Export a float model (dynamic batch) as the FP32 baseline for timing."""
+    """Export a float model (dynamic batch, plus ``dynamic_dims`` as in :func:`export_onnx`) as the FP32
+    baseline for timing."""
     path = Path(path)
     inputs = _as_tuple(example_input)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    extra = {d: torch.export.Dim(n, min=1, max=1 << 16) for d, n in (dynamic_dims or {}).items()}
     with _quiet():
         program = torch.onnx.export(
             model.eval(),
             tuple(t[:1] for t in inputs),
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamic_shapes=tuple({0: batch, **extra} for _ in inputs),
             input_names=["input"],
             output_names=["output"],
         )

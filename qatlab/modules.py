@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qatlab.config import QuantSpec
 from qatlab.observers import make_observer
-from qatlab.quant import SCALE_EPS, fake_quant
+from qatlab.quant import SCALE_EPS, dynamic_qparams, fake_quant
 
 
 class FakeQuantizer(nn.Module):
@@ -51,8 +51,13 @@ class FakeQuantizer(nn.Module):
         self.calibrating = False  # set by prepare.calibrate: learned scales take the observer's range
 
     @property
+    def dynamic(self) -> bool:
+        """True when each tensor is quantized with its own run-time range (``observer="dynamic"``)."""
+        return self.spec.observer == "dynamic"
+
+    @property
     def calibrated(self) -> bool:
-        return bool(self.observer.initialized)
+        return self.dynamic or bool(self.observer.initialized)
 
     @torch.no_grad()
     def update_qparams(self) -> None:
@@ -65,6 +70,8 @@ class FakeQuantizer(nn.Module):
         # Ranges move only while calibrating or training, never in an eval pass (evaluating a model must not
         # change it). A learned scale is initialised by the observer (calibration, or the first training
         # batch) and then belongs to the optimizer: observing again would undo the training.
+        if self.dynamic:
+            return self._dynamic(x)
         observe = self.observer_enabled and (
             self.calibrating or (self.training and not (self.spec.learned and self.calibrated))
         )
@@ -81,6 +88,20 @@ class FakeQuantizer(nn.Module):
             )
         scale = torch.clamp(self.scale, min=SCALE_EPS) if self.spec.learned else self.scale
         return fake_quant(x, scale, self.zero_point, self.spec)
+
+    def _dynamic(self, x: Tensor) -> Tensor:
+        # The range of this very tensor (ONNX DynamicQuantizeLinear's formula); scale and zero_point keep the
+        # last batch's values for inspection. Calibration only records the range in the observer.
+        if self.calibrating and self.observer_enabled:
+            self.observer(x)
+        if not self.fake_quant_enabled:
+            return x
+        scale, zero_point = dynamic_qparams(x, self.spec)
+        if not torch.compiler.is_compiling():
+            with torch.no_grad():
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
+        return fake_quant(x, scale, zero_point, self.spec)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -211,5 +211,9 @@ OBSERVER_CLASSES: dict[str, type[Observer]] = {
 
 
 def make_observer(spec: QuantSpec, num_channels: int | None = None) -> Observer:
-    """The observer named by ``spec.observer``, sized for ``num_channels`` when per channel."""
-    return OBSERVER_CLASSES[spec.observer](spec, num_channels)
+    """The observer named by ``spec.observer``, sized for ``num_channels`` when per channel.
+
+    ``"dynamic"`` gets a min-max observer: a dynamic quantizer never reads it for its qparams (each tensor uses
+    its own range), but calibration still records the range seen, for inspection.
+    """
+    return OBSERVER_CLASSES["minmax" if spec.observer == "dynamic" else spec.observer](spec, num_channels)

@@ -629,3 +629,24 @@ def pruning_curves(df: pd.DataFrame, reference: float | None = None, title: str 
 
 
 # ---- end 05 ------------------------------------------------------------------------------------------------
+
+
+# ---- notebook 07: transformer QAT
+
+
+def sensitivity_bars(
+    df: pd.DataFrame, value: str = "output_sqnr_db", top: int | None = None, title: str = ""
+) -> Figure:
+    """Horizontal bars of ``value`` per ``layer`` in the frame's order (most harmful first); ``top`` keeps the
+    first rows. Lower logit SQNR = the layer hurts more when it alone is quantized."""
+    part = df if top is None else df.head(top)
+    fig, axes = _new(1, 1, size=(6.5, 0.28 * len(part) + 1.2))
+    ax = axes[0][0]
+    pos = np.arange(len(part))
+    ax.barh(pos, part[value].to_numpy(), color="C3", alpha=0.8)
+    ax.set_yticks(pos, part["layer"], fontsize=7)
+    ax.invert_yaxis()  # the first row (most harmful) on top
+    ax.set_xlabel(value)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -89,6 +89,27 @@ def qparams(min_val: Tensor | float, max_val: Tensor | float, spec: QuantSpec) -
     return scale.to(torch.float32), zero_point
 
 
+def dynamic_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-tensor (scale, zero_point) from ``x``'s own min/max, the formula of ONNX ``DynamicQuantizeLinear``.
+
+    The range is widened to include 0; scale = (max - min) / (qmax - qmin), zero point = qmin - round(min / scale)
+    (round half to even), clamped to the grid; symmetric specs use max|x| / qmax and zero point 0. Plain tensor
+    ops without data-dependent checks, so it traces into an exported graph.
+
+    Example:
+        >>> dynamic_qparams(torch.tensor([-1.0, 3.0]), QuantSpec(bits=8))
+        (tensor([0.0157]), tensor([64], dtype=torch.int32))
+    """
+    lo = torch.clamp(x.detach().float().min(), max=0.0).reshape(1)
+    hi = torch.clamp(x.detach().float().max(), min=0.0).reshape(1)
+    if spec.symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / spec.qmax, min=SCALE_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = torch.clamp((hi - lo) / (spec.qmax - spec.qmin), min=SCALE_EPS)
+    zero_point = torch.clamp(spec.qmin - torch.round(lo / scale), spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero_point
+
+
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """Reference quantization to integer codes (int32), written out in plain torch for reading.
 
