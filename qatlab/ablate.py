@@ -40,6 +40,8 @@ from typing import Any
 
 import pandas as pd
 
+from qatlab.config import write_atomic
+
 RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
 RESERVED = ("seed", "seconds", "key")
 
@@ -72,12 +74,6 @@ def run_key(config: Mapping[str, Any], seed: int) -> str:
     """A stable file name for a run: a hash of its config and seed (JSON with sorted keys)."""
     blob = json.dumps({"config": dict(config), "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _init_worker(threads: int) -> None:
@@ -141,7 +137,7 @@ def ablate(
 
     def record(config: dict[str, Any], seed: int, result: dict[str, Any]) -> None:
         rec = {"config": config, "seed": seed, **result}
-        _write_atomic(out / "runs" / f"{run_key(config, seed)}.json", json.dumps(rec, default=float))
+        write_atomic(out / "runs" / f"{run_key(config, seed)}.json", json.dumps(rec, default=float))
 
     bar = tqdm(total=len(pending), desc=f"ablate ({len(runs) - len(pending)} of {len(runs)} done before)",
                disable=not progress)  # fmt: skip
@@ -182,7 +178,7 @@ def ablate(
             table = table.sort_values("key", key=lambda k: k.map(order).fillna(len(order))).reset_index(
                 drop=True
             )
-        _write_atomic(out / "results.csv", table.to_csv(index=False))
+        write_atomic(out / "results.csv", table.to_csv(index=False))
     if errors:
         raise RuntimeError(
             f"{len(errors)} of {len(pending)} runs failed (finished runs are saved in {out / 'runs'}; call ablate "

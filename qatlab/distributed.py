@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from qatlab.config import QATConfig
+from qatlab.config import QATConfig, save_atomic, write_atomic
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
 
 
@@ -89,9 +89,8 @@ class RunConfig:
         self.qat = json.loads(json.dumps(QATConfig.from_dict(self.qat).to_dict()))
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        _write_atomic(path, json.dumps(asdict(self), indent=1).encode())
-        return path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> RunConfig:
@@ -100,19 +99,6 @@ class RunConfig:
         if unknown:
             raise ValueError(f"{path}: unknown RunConfig fields {sorted(unknown)}")
         return cls(**d)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def sync_observers(model: nn.Module, enabled: bool = True) -> int:
@@ -246,11 +232,11 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
             row["train_loss"], row["train_acc"] = (t / world).tolist()
         if rank == 0:
             history.append(dict(row))
-            _save_atomic({"qat_state_dict": qat.state_dict(), "history": history, "config": asdict(cfg)},
+            save_atomic({"qat_state_dict": qat.state_dict(), "history": history, "config": asdict(cfg)},
                          out / "checkpoint.pt")  # fmt: skip
             import pandas as pd
 
-            _write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False).encode())
+            write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 
     history: list[dict[str, Any]] = []
     if rank == 0:
@@ -274,10 +260,10 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
             "rank_differences": rank_differences(states), "seconds": time.perf_counter() - start,
             "config": asdict(cfg),
         }  # fmt: skip
-        _save_atomic(qat.state_dict(), out / "qat_model.pt")
+        save_atomic(qat.state_dict(), out / "qat_model.pt")
         if cfg.export:
             result["onnx"] = _export(qat, test, out / "model.onnx")
-        _write_atomic(out / "result.json", json.dumps(result, indent=1).encode())
+        write_atomic(out / "result.json", json.dumps(result, indent=1))
     if world > 1:
         dist.barrier()
     return result

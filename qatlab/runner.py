@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatlab.config import write_atomic
+
 
 @dataclass
 class NotebookResult:
@@ -25,12 +27,6 @@ class NotebookResult:
     status: str
     seconds: float
     error: str = ""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _describe(exc: Exception) -> str:
@@ -66,12 +62,12 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     except Exception as exc:  # kernel died, timeout: report it, keep going with the next notebook
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
     seconds = time.perf_counter() - start
-    _atomic_write(out_dir / src.name, nbformat.writes(nb))
+    write_atomic(out_dir / src.name, nbformat.writes(nb))
     try:  # an HTML copy for reading without Jupyter
         from nbconvert import HTMLExporter
 
         html, _ = HTMLExporter().from_notebook_node(nb)
-        _atomic_write(out_dir / (src.stem + ".html"), html)
+        write_atomic(out_dir / (src.stem + ".html"), html)
     except Exception as exc:  # nbconvert missing or a template problem: the .ipynb is still there
         print(f"  (no HTML for {src.name}: {type(exc).__name__}: {exc})")
     return NotebookResult(src.name, status, round(seconds, 1), error)
@@ -88,9 +84,9 @@ def write_summary(results: list[NotebookResult], build_dir: Path) -> Path:
     lines.append(
         f"\n{sum(r.status == 'ok' for r in results)}/{len(results)} notebooks ok, {total:.1f} s in total."
     )
-    _atomic_write(build_dir / "summary.csv", "\n".join(csv) + "\n")
+    write_atomic(build_dir / "summary.csv", "\n".join(csv) + "\n")
     path = build_dir / "summary.md"
-    _atomic_write(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

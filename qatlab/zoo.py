@@ -10,14 +10,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qatlab.config import build_dir, fast
+from qatlab.config import build_dir, fast, save_atomic, write_atomic
 from qatlab.data import digits_loaders, fashion_mnist_available, fashion_mnist_loaders
 from qatlab.models import MobileNetV2, build_model
 
@@ -35,12 +33,6 @@ def dataset_loaders(dataset: str = "auto", batch_size: int = 64, seed: int = 0):
     else:
         train, test = digits_loaders(batch_size=batch_size, seed=seed)
     return train, test, dataset
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def trained_cnn(
@@ -91,10 +83,8 @@ def trained_cnn(
             "test_acc": evaluate(model, test, device=device)["acc"],
             "history": history.to_dict("records"),
         }
-        _save_atomic(model.state_dict(), ckpt)
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, meta_path)
+        save_atomic(model.state_dict(), ckpt)
+        write_atomic(meta_path, json.dumps(info))
     info["checkpoint"] = str(ckpt)
     return model.eval(), (train, test), info
 
