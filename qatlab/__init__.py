@@ -15,6 +15,7 @@ from qatlab.prepare import (
     freeze_observers,
     prepare_qat,
     ptq,
+    reestimate_bn,
 )
 from qatlab.quant import dequantize, fake_quant, qparams, quantize, sqnr
 
@@ -36,6 +37,7 @@ __all__ = [
     "prepare_qat",
     "ptq",
     "qparams",
+    "reestimate_bn",
     "quantize",
     "sqnr",
     "verify_onnx",

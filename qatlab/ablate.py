@@ -47,9 +47,26 @@ RESERVED = ("seed", "seconds", "key")
 
 
 def grid_runs(
-    grid: Mapping[str, Sequence[Any]], seeds: Iterable[int] = (0,)
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]], seeds: Iterable[int] = (0,)
 ) -> list[tuple[dict[str, Any], int]]:
-    """The cross product of the grid's values, times the seeds: ``[(config, seed), ...]`` in a stable order."""
+    """The cross product of the grid's values, times the seeds: ``[(config, seed), ...]`` in a stable order.
+
+    ``grid`` may also be a list of grids: the runs of each, in turn (a run listed twice is kept once), so
+    sweeps with different knobs share one call, one process pool and one table (absent knobs are empty cells).
+    """
+    if isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
+        if not grid:
+            raise ValueError(
+                "grid is an empty list; give a mapping of name -> list of values, or a list of them"
+            )
+        runs, seen = [], set()
+        for g in grid:
+            for config, seed in grid_runs(g, seeds):
+                key = run_key(config, seed)
+                if key not in seen:
+                    seen.add(key)
+                    runs.append((config, seed))
+        return runs
     if not isinstance(grid, Mapping) or not grid:
         raise ValueError(f"grid must be a non-empty mapping of name -> list of values, got {grid!r}")
     for name, values in grid.items():
@@ -103,7 +120,7 @@ def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def ablate(
-    grid: Mapping[str, Sequence[Any]],
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
     run_fn: RunFn,
     out_dir: str | os.PathLike,
     seeds: Iterable[int] = (0,),
@@ -115,7 +132,8 @@ def ablate(
     """Run every (config, seed) of the grid not finished yet and return the table of all finished runs.
 
     Args:
-        grid: name -> list of values; the runs are the cross product (:func:`grid_runs`).
+        grid: name -> list of values; the runs are the cross product (:func:`grid_runs`); or a list of such
+            grids, whose runs are all done in one call.
         run_fn: ``run_fn(config, seed) -> {metric: value}``; module level for process pools.
         out_dir: where ``runs/<key>.json`` and ``results.csv`` go (created).
         seeds: seeds per config.

@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -144,6 +144,7 @@ def qat_run(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    on_epoch_start: Callable[[int, nn.Module], None] | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """Prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, and evaluate.
@@ -151,7 +152,8 @@ def qat_run(
     ``steps`` optimizer steps per epoch for ``epochs`` epochs. ``calibrated=False`` starts from raw
     ranges: the observers first see the first training batch (train-mode BatchNorm), as a QAT run that
     skips calibration does. The train loader is reseeded with ``seed`` before calibration and again by fit,
-    so the result does not depend on what ran before.
+    so the result does not depend on what ran before. ``on_epoch_start(epoch, qat_model)`` is passed to fit
+    (e.g. to attach a :mod:`qatlab.dynamics` recorder or change the quantizers after calibration).
 
     Returns:
         A row: the labels, ``acc`` (final test accuracy), ``ptq_acc`` (before fine-tuning, NaN when not
@@ -181,6 +183,7 @@ def qat_run(
         val_loader=test_loader,
         device=device,
         progress=progress,
+        on_epoch_start=on_epoch_start,
     )
     return {
         **labels,

@@ -49,6 +49,8 @@ class FakeQuantizer(nn.Module):
         self.fake_quant_enabled = True
         self.observer_enabled = True
         self.calibrating = False  # set by prepare.calibrate: learned scales take the observer's range
+        # multiplier of a learned scale's gradient; None: LSQ's 1 / sqrt(N * qmax) (1.0 turns the scaling off)
+        self.grad_factor: float | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -87,7 +89,7 @@ class FakeQuantizer(nn.Module):
                 "qatlab.calibrate(model, loader) first"
             )
         scale = torch.clamp(self.scale, min=SCALE_EPS) if self.spec.learned else self.scale
-        return fake_quant(x, scale, self.zero_point, self.spec)
+        return fake_quant(x, scale, self.zero_point, self.spec, self.grad_factor)
 
     def _dynamic(self, x: Tensor) -> Tensor:
         # The range of this very tensor (ONNX DynamicQuantizeLinear's formula); scale and zero_point keep the

@@ -650,3 +650,70 @@ def sensitivity_bars(
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 08: QAT dynamics ------------------------------------------------------------------------------
+
+
+def step_lines(
+    df: pd.DataFrame, y: str, hue: str = "layer", smooth: int = 1, title: str = "", ylabel: str | None = None,
+    logy: bool = False, dashed: pd.Series | None = None,
+) -> Figure:  # fmt: skip
+    """``y`` against ``step``, one line per ``hue`` value (e.g. per layer), a centred rolling mean of
+    ``smooth`` steps (1 = raw); ``dashed`` maps hue values to True for dashed lines (e.g. weight quantizers)."""
+    fig, axes = _new(1, 1, size=(6.5, 3.6))
+    ax = axes[0][0]
+    for k, (label, part) in enumerate(df.groupby(hue, sort=False)):
+        part = part.sort_values("step")
+        values = part[y].astype(float)
+        if smooth > 1:
+            values = values.rolling(smooth, center=True, min_periods=1).mean()
+        ls = "--" if dashed is not None and bool(dashed.get(label, False)) else "-"
+        ax.plot(part["step"].to_numpy(), values.to_numpy(), ls, color=f"C{k % 10}", lw=1.2, label=str(label))
+    if logy:
+        ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set(xlabel="QAT step", ylabel=ylabel or y, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ---- notebook 09: paper findings ---------------------------------------------------------------------------
+
+
+def finding_panels(df: pd.DataFrame, reference: dict[str, float] | None = None, title: str = "") -> Figure:
+    """One panel per ``finding``: a bar per ``arm`` (mean ``acc`` over seeds, +-1 std) with each seed as a dot,
+    and the finding's float accuracy (``reference[finding]``) as a dashed line. Each panel has its own y axis."""
+    keys = list(dict.fromkeys(df["finding"]))
+    cols = min(3, max(len(keys), 1))
+    rows = -(-len(keys) // cols)
+    fig, axes = _new(rows, cols, size=(4.4, 3.2))
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        part = df[df["finding"] == key]
+        arms = list(dict.fromkeys(part["arm"]))
+        means = []
+        for k, arm in enumerate(arms):
+            accs = part.loc[part["arm"] == arm, "acc"].to_numpy(dtype=float)
+            means.append(accs.mean())
+            ax.bar(k, accs.mean(), yerr=accs.std() if len(accs) > 1 else None, capsize=3, color=f"C{k % 10}",
+                   alpha=0.7)  # fmt: skip
+            ax.plot(np.full(len(accs), k), accs, "k.", ms=4)
+        ref = (reference or {}).get(key)
+        if ref is not None:
+            ax.axhline(ref, color="k", ls="--", lw=1)
+        lo = min(float(np.nanmin(part["acc"])), ref if ref is not None else 1.0)
+        hi = max(float(np.nanmax(part["acc"])), ref if ref is not None else 0.0)
+        pad = max(0.01, 0.08 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("test accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -234,6 +234,69 @@ def freeze_bn_stats(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int = 50,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> nn.Module:
+    """Recompute every BatchNorm's running statistics with the model's current (quantized) weights.
+
+    BN re-estimation (Nagel et al. 2022, section 4): during QAT the running mean and variance are moving
+    averages over many steps, collected while weights oscillated between grid points; the final weights can
+    give other statistics. This runs ``num_batches`` training batches in train mode with observers and
+    gradients off and replaces each BN's running statistics by their plain average over those batches.
+    Quantizer ranges, learned scales and weights are unchanged; the model's mode and BN flags are restored.
+
+    Args:
+        model: a QAT model (from :func:`prepare_qat`) or any model with BatchNorm layers.
+        loader: training batches, as for :func:`calibrate`.
+        num_batches: how many batches to average (positive int).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches={num_batches!r} must be a positive int, e.g. 50")
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not bns:
+        raise ValueError("model has no BatchNorm with running statistics: nothing to re-estimate")
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    frozen = {m: m.bn_frozen for m in model.modules() if isinstance(m, QuantConvBn2d)}
+    observing = {q: q.observer_enabled for _, q in quantizers(model)}
+    for q in observing:
+        q.observer_enabled = False
+    for m in frozen:
+        m.bn_frozen = False
+    model.train()
+    seen = 0
+    try:
+        for batch in tqdm(
+            loader, desc="BN re-estimation", total=num_batches, disable=not progress, leave=False
+        ):
+            for bn in bns:  # momentum 1/(k+1): the running value becomes the mean over the k+1 batches so far
+                bn.momentum = 1.0 / (seen + 1)
+            run_batch(model, batch, device)
+            seen += 1
+            if seen >= num_batches:
+                break
+    finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+        for m, f in frozen.items():
+            m.bn_frozen = f
+        for q, on in observing.items():
+            q.observer_enabled = on
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("loader has no batches: BN re-estimation needs data")
+    return model
+
+
 def run_batch(model: nn.Module, batch: Any, device: torch.device | str) -> Any:
     """Feed one loader batch to the model: (x, y) tuples, bare tensors, or dicts of model kwargs."""
     if isinstance(batch, dict):

@@ -131,3 +131,16 @@ def test_command_line_writes_table_and_plots(tmp_path):
     # the installed console script is the same entry point
     proc = subprocess.run([sys.executable, "-m", "qatlab.cli"], capture_output=True, text=True)
     assert proc.returncode == 2 and "qatlab ablate" in proc.stderr
+
+
+def test_a_list_of_grids_runs_each_once_in_one_table(tmp_path):
+    grids = [{"x": [1, 2]}, {"x": [2, 3], "tag": ["b"]}, {"x": [1]}]  # {"x": 1} twice: one run
+    runs = ab.grid_runs(grids, seeds=(0,))
+    assert [c for c, _ in runs] == [{"x": 1}, {"x": 2}, {"x": 2, "tag": "b"}, {"x": 3, "tag": "b"}]
+    with pytest.raises(ValueError, match="empty list"):
+        ab.grid_runs([])
+    table = ab.ablate([{**g, "calls": [str(tmp_path / "calls")]} for g in grids], square_run, tmp_path / "out",
+                      workers=1, progress=False)  # fmt: skip
+    assert len(table) == 4 and sorted(table["y"]) == [1, 4, 4, 9]
+    assert table["tag"].isna().sum() == 2  # a knob absent from a grid is an empty cell
+    assert sum(_successes(tmp_path / "calls").values()) == 4

@@ -154,6 +154,26 @@ def test_lsq_scale_is_learned_and_not_overwritten_in_training():
     assert torch.equal(fq.scale.detach(), trained)
 
 
+def test_grad_factor_scales_the_learned_scale_gradient_only():
+    from qatlab.quant import lsq_grad_factor
+
+    x = torch.randn(64, 10)
+    grads = {}
+    for factor in (None, 1.0):
+        fq = FakeQuantizer(QuantSpec(bits=3, symmetric=True, ste="lsq"))
+        fq.eval()
+        calibrate(fq, [x])
+        fq.train()
+        fq.grad_factor = factor
+        xi = x.clone().requires_grad_(True)
+        (fq(xi) * torch.linspace(-1, 1, 10)).sum().backward()
+        grads[factor] = (fq.scale.grad.clone(), xi.grad.clone())
+    g = lsq_grad_factor(x, QuantSpec(bits=3, symmetric=True, ste="lsq"))  # 1 / sqrt(640 * 3)
+    assert g == pytest.approx(1 / (640 * 3) ** 0.5)
+    torch.testing.assert_close(grads[None][0], grads[1.0][0] * g)  # LSQ's scaling, and 1.0 turns it off
+    torch.testing.assert_close(grads[None][1], grads[1.0][1])  # the input gradient does not change
+
+
 def test_quant_linear_and_conv_match_manual():
     torch.manual_seed(1)
     lin = nn.Linear(5, 3)

@@ -181,3 +181,44 @@ def test_calibrate_restores_mode_and_respects_num_batches():
     c = 0.01
     expect_max = first.max() + c * (data[16:].max() - first.max())
     torch.testing.assert_close(obs.max_val, expect_max.reshape(1))
+
+
+def test_reestimate_bn_uses_the_quantized_layer_output_and_restores_everything():
+    torch.manual_seed(0)
+    qat = qatlab.prepare_qat(build_model("cnn", width=4).eval(), QATConfig())
+    x = torch.randn(8, 1, 28, 28)
+    qatlab.calibrate(qat, [x])
+    layer = next(m for m in qat.modules() if isinstance(m, QuantConvBn2d))
+    layer.bn_frozen = True
+    scales = {n: q.scale.clone() for n, q in quantizers(qat)}
+    momentum = layer.bn.momentum
+    with torch.no_grad():  # by hand (simulate mode, train-mode forward): the conv of the quantized folded
+        bn = layer.bn  # weight, the running-sigma scaling undone: the tensor BN normalises with batch stats
+        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+        y = layer._conv(layer._qin(x), layer._qw(layer.weight * factor), None) / factor.reshape(1, -1, 1, 1)
+        y = y + layer.bias.reshape(1, -1, 1, 1) if layer.bias is not None else y
+    qat.eval()
+    qatlab.reestimate_bn(qat, [x], num_batches=1)
+    assert torch.allclose(layer.bn.running_mean, y.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(layer.bn.running_var, y.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    # restored: mode, BN flag, momentum, observer switches; ranges untouched
+    assert not qat.training and layer.bn_frozen and layer.bn.momentum == momentum
+    assert all(q.observer_enabled for _, q in quantizers(qat))
+    assert all(torch.equal(scales[n], q.scale) for n, q in quantizers(qat))
+
+
+def test_reestimate_bn_is_a_plain_average_over_batches():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(bn)
+    batches = [torch.randn(16, 3) * (k + 1) + k for k in range(4)]
+    qatlab.reestimate_bn(model, batches, num_batches=4)
+    assert torch.allclose(bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([b.var(0) for b in batches]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1
+    with pytest.raises(ValueError, match="num_batches"):
+        qatlab.reestimate_bn(model, batches, num_batches=0)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        qatlab.reestimate_bn(nn.Linear(3, 3), batches)
+    with pytest.raises(ValueError, match="no batches"):
+        qatlab.reestimate_bn(model, [])

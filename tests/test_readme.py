@@ -17,3 +17,16 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert 0.8 < ptq_acc <= 1.0 and 0.8 < qat_acc <= 1.0
     assert (tmp_path / "qat_w4a4.onnx").exists()
     assert "'passed': True" in capsys.readouterr().out
+
+
+def test_findings_table_is_linked_and_lists_every_finding_with_a_verdict():
+    from qatlab.reproduce import FINDINGS
+
+    assert "(docs/findings.md)" in README.read_text()
+    table = (README.parent / "docs" / "findings.md").read_text()
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == len(FINDINGS) >= 8
+    for row, finding in zip(rows, FINDINGS, strict=True):
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[1] == finding.claim and cells[2] == finding.paper
+        assert cells[-1] in ("reproduced", "partly", "not reproduced") and cells[-2] == "2"
