@@ -50,7 +50,13 @@ run: setup
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
-bench: setup
+# other tools' QAT, as references in bench_train_step.py (--no-deps: nothing may replace the pinned torch)
+BENCH_STAMP := $(VENV)/.qatlab-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps torchao==0.18.0 brevitas==0.13.4 dependencies==2.0.1 unfoldNd==0.2.3 || echo "warning: reference QAT tools not installed; bench_train_step.py lists them as missing"
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:

@@ -1,7 +1,11 @@
-"""Train-step time of QAT vs FP32 for the lab CNN (Fashion-MNIST shapes, batch 64), as ratios in one run.
+"""Train-step time of QAT vs FP32 (lab CNN and depthwise CNN, batch 64), as ratios measured in one run.
 
-Interleaves FP32 and QAT steps (so machine load hits both alike) and reports medians. Prints a markdown
-table and saves it to build/bench/train_step.md. Usage: ``python bench/bench_train_step.py [--steps N]``.
+qatlab at W8A8 (per-channel symmetric weights, moving-average activation ranges) with simulated BN folding
+(the default) and with BN folded once before QAT; and, as references, the same QAT with other tools
+(``bench/references.py``: torch.ao eager and FX, torchao PT2E, Brevitas; those not installed are listed as
+missing). Every variant's steps are interleaved (so machine load hits all alike) and the medians reported,
+at 1 and 2 threads. Prints a markdown table and saves it to build/bench/train_step.md.
+Usage: ``python bench/bench_train_step.py [--steps N] [--no-references]``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from qatlab import QATConfig, QuantSpec
 from qatlab.models import build_model
 
 
-def _step_fn(model, opt, x, y):
+def _step_fn(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
@@ -30,52 +35,66 @@ def _step_fn(model, opt, x, y):
     return step
 
 
-def measure(model_name: str, threads: int, steps: int, batch: int = 64) -> dict:
-    torch.set_num_threads(threads)
+def variants(model_name: str, x, y, references: bool) -> tuple[dict, dict]:
+    """name -> step function, and name -> note for the variants that could not run."""
     torch.manual_seed(0)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     fp32 = build_model(model_name).train()
-    cfg = QATConfig(weight=QuantSpec(bits=8, symmetric=True, per_channel=True), bn_mode="simulate")
-    qat = qatlab.prepare_qat(fp32, cfg).train()
-    variants = {
-        "fp32": _step_fn(fp32, torch.optim.SGD(fp32.parameters(), lr=0.01, momentum=0.9), x, y),
-        "qat": _step_fn(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y),
-    }
-    times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up
+    steps = {"FP32": _step_fn(fp32, x, y)}
+    for bn_mode in ("simulate", "fold"):
+        cfg = QATConfig(weight=QuantSpec(bits=8, symmetric=True, per_channel=True), bn_mode=bn_mode)
+        qat = qatlab.calibrate(qatlab.prepare_qat(fp32, cfg), [x]).train()
+        steps[f"qatlab (BN {bn_mode})"] = _step_fn(qat, x, y)
+    missing = {}
+    if references:
+        from references import reference_steps
+
+        for name, (step, note) in reference_steps(model_name, x, y).items():
+            if step is None:
+                missing[name] = note
+            else:
+                steps[name] = step
+    return steps, missing
+
+
+def measure(steps: dict, threads: int, n: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    times = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up (compiles the fused kernels, fills caches)
         for _ in range(3):
             fn()
-    for _ in range(steps):
-        for name, fn in variants.items():
+    for _ in range(n):
+        for name, fn in steps.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "model": model_name,
-        "threads": threads,
-        "fp32_ms": 1e3 * med["fp32"],
-        "qat_ms": 1e3 * med["qat"],
-        "ratio": med["qat"] / med["fp32"],
-    }
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--no-references", action="store_true", help="qatlab and FP32 only")
     args = parser.parse_args()
-    rows = [measure(m, t, args.steps) for m in ("cnn", "dwcnn") for t in (1, 2)]
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     lines = [
-        "QAT (W8 per-channel, A8 EMA, simulated BN folding) vs FP32 train step, batch 64, medians of "
-        f"{args.steps} interleaved steps",
+        f"QAT vs FP32 train step (W8A8: per-channel weights, moving-average activation ranges), batch 64, "
+        f"medians of {args.steps} interleaved steps",
         "",
-        "| model | threads | FP32 ms | QAT ms | QAT / FP32 |",
-        "|---|---:|---:|---:|---:|",
+        "| model | threads | variant | ms | / FP32 |",
+        "|---|---:|---|---:|---:|",
     ]
-    lines += [
-        f"| {r['model']} | {r['threads']} | {r['fp32_ms']:.2f} | {r['qat_ms']:.2f} | {r['ratio']:.2f}x |"
-        for r in rows
-    ]
+    notes = {}
+    for model_name in ("cnn", "dwcnn"):
+        steps, missing = variants(model_name, x, y, not args.no_references)
+        notes.update(missing)
+        for threads in (1, 2):
+            med = measure(steps, threads, args.steps)
+            for name, t in med.items():
+                lines.append(
+                    f"| {model_name} | {threads} | {name} | {1e3 * t:.2f} | {t / med['FP32']:.2f}x |"
+                )
+    if notes:
+        lines += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in notes.items()]
     save_report(lines, "train_step")
 
 

@@ -238,14 +238,14 @@ class QuantConvBn2d(QuantConv2d):
         bn = self.bn
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
         factor = gamma / torch.sqrt(bn.running_var + bn.eps)  # gamma / sigma, (C,)
-        y = self._conv(x, self._qw(self.weight * factor.reshape(-1, 1, 1, 1)), None)  # quantized folded conv
+        w_q = self._qw(self.weight * factor.reshape(-1, 1, 1, 1))  # the quantized folded weight
         if self._bn_train():
             # Undo the running-sigma scaling and normalise with batch statistics: the net effect is the
-            # sigma / sigma_B correction, and BN's running statistics keep updating.
-            y = y / factor.reshape(1, -1, 1, 1)
-            if self.bias is not None:
-                y = y + self.bias.reshape(1, -1, 1, 1)
+            # sigma / sigma_B correction, and BN's running statistics keep updating. The scaling is undone on
+            # the weight (conv is linear per output channel), not on the much larger output.
+            y = self._conv(x, w_q / factor.reshape(-1, 1, 1, 1), self.bias)
             return self._act(self._batch_norm(y, True))
+        y = self._conv(x, w_q, None)
         _, b_fold = fold_bn(self.weight, self.bias, bn)
         return self._act(y + self._qbias(b_fold).reshape(1, -1, 1, 1))
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.config import QuantSpec
-from qatlab.quant import _axis, fake_quant, qparams
+from qatlab.quant import _axis, _qparams, fake_quant
 
 # torch.quantile refuses inputs above 2**24 elements, and the MSE search runs 36 fake-quant passes: a strided
 # subsample of a large batch keeps the estimate (the range of the tails still comes from the full batch for
@@ -98,8 +98,14 @@ class Observer(nn.Module):
             )
         return rows
 
-    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        return rows.amin(dim=1), rows.amax(dim=1)
+    def _batch_range(self, rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """This batch's range estimate from ``rows`` ((C, N) per channel; the tensor itself per tensor, see
+        :meth:`_flat`); ``lo``/``hi`` are its plain min and max, already computed."""
+        return lo, hi
+
+    def _flat(self, rows: Tensor) -> Tensor:
+        """``rows`` as a 2-D (C, N) tensor: per tensor, a (1, N) copy or view of the tensor."""
+        return rows if self.spec.per_channel else rows.reshape(1, -1)
 
     def _combine(self, lo: Tensor, hi: Tensor) -> None:
         """Merge this batch's range into the running one (subclasses pick the rule)."""
@@ -110,13 +116,21 @@ class Observer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             raise ValueError(f"cannot observe an empty tensor of shape {tuple(x.shape)}: it has no range")
-        rows = self._rows(x.detach().float())
-        if not torch.isfinite(rows).all():
+        data = x.detach().float()
+        # One pass for min and max. Per tensor, the reduction runs on x as it is laid out (a (1, N) view of a
+        # channels-last tensor would first copy it); a NaN or inf anywhere shows up in lo / hi.
+        if self.spec.per_channel:
+            rows = self._rows(data)
+            lo, hi = torch.aminmax(rows, dim=1)
+        else:
+            rows = data
+            lo, hi = (t.reshape(1) for t in torch.aminmax(data))
+        if not bool(torch.isfinite(torch.cat([lo, hi])).all()):
             raise ValueError(
                 "observed data contains NaN or inf; quantization ranges must be finite "
                 "(check the calibration data and the model's float outputs)"
             )
-        lo, hi = self._batch_range(rows)
+        lo, hi = self._batch_range(rows, lo, hi)
         if self.sync_ranks:
             lo, hi = _sync_range(lo, hi, self._averages_batches)
         if not bool(self.initialized):
@@ -135,7 +149,9 @@ class Observer(nn.Module):
                 "observer has seen no data, so there is no range to quantize with: run calibrate(model, loader) "
                 "or a training step with observers enabled first"
             )
-        return qparams(self.min_val, self.max_val, self.spec)
+        return _qparams(
+            self.min_val, self.max_val, self.spec
+        )  # the range is finite and ordered by construction
 
     def reset(self) -> None:
         self.initialized.fill_(False)
@@ -172,7 +188,8 @@ class _AveragingObserver(Observer):
 class PercentileObserver(_AveragingObserver):
     """Per-batch percentile range: of |x| when symmetric, of both tails otherwise."""
 
-    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_range(self, rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self._flat(rows)
         if rows.shape[1] > _MAX_QUANTILE_SAMPLES:
             rows = rows[:, :: rows.shape[1] // _MAX_QUANTILE_SAMPLES + 1]
         p = self.spec.percentile / 100.0
@@ -185,15 +202,16 @@ class PercentileObserver(_AveragingObserver):
 class MSEObserver(_AveragingObserver):
     """Per-batch range minimising ||x - fake_quant(x)||^2 over shrunk min-max ranges (a grid of 36)."""
 
-    def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # candidates shrink the full batch's range
+    def _batch_range(self, rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        # candidates shrink the full batch's range (lo, hi)
+        rows = self._flat(rows)
         if rows.shape[1] > _MAX_MSE_SAMPLES:
             rows = rows[:, :: rows.shape[1] // _MAX_MSE_SAMPLES + 1]
         row_spec = self.spec.with_(per_channel=True, ch_axis=0, ste="clipped")
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for alpha in _MSE_GRID.tolist():
-            s, z = qparams(lo * alpha, hi * alpha, row_spec)
+            s, z = _qparams(lo * alpha, hi * alpha, row_spec)
             err = (fake_quant(rows, s.to(rows.device), z.to(rows.device), row_spec) - rows).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -590,3 +590,60 @@ def test_gradients_on_cuda(per_channel: bool) -> None:
     _, ref_grad = _lsq_reference(x, scale, zp, spec, 1.0, up)
     mag = _grad_magnitude(x, scale, zp, spec, 1.0, up)
     assert torch.all((s.grad - ref_grad).abs() <= 1e-4 * ref_grad.abs() + 1e-4 * mag)
+
+
+# ----------------------------------------------------------------------- fast paths (large and small tensors)
+
+
+def _large_case(per_channel: bool, symmetric: bool, bits: int, axis: int = 1):
+    """A tensor above FUSED_MIN_NUMEL with exact .5 ties, values beyond the range and a non-zero zero point."""
+    from qatlab.quant import FUSED_MIN_NUMEL
+
+    g = torch.Generator().manual_seed(bits)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel, ch_axis=axis)
+    x = torch.randn(8, 16, 24, 24, generator=g) * 3
+    assert x.numel() >= FUSED_MIN_NUMEL
+    n = 16 if per_channel else 1
+    scale = torch.rand(n, generator=g) * 0.2 + 0.01
+    zp = (
+        torch.zeros(n, dtype=torch.int32) if symmetric else torch.randint(0, 2**bits, (n,), generator=g).int()
+    )
+    sb = scale.reshape(1, -1, 1, 1) if per_channel else scale
+    ties = (torch.randint(-40, 40, x.shape, generator=g) + 0.5) * sb  # exact x / S = k + 0.5 for most
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.3, ties, x)
+    return x, scale, zp, spec
+
+
+@pytest.mark.parametrize(
+    "per_channel, symmetric", [(False, False), (False, True), (True, False), (True, True)]
+)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_kernel_is_bit_exact_and_its_mask_is_torchs(per_channel, symmetric, bits, monkeypatch) -> None:
+    """The compiled kernel (large tensors) against torch's core op and against the eager path."""
+    x, scale, zp, spec = _large_case(per_channel, symmetric, bits)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    outs = {}
+    for compile_ in ("1", "0"):
+        monkeypatch.setenv("QATLAB_COMPILE", compile_)
+        xi = x.clone().requires_grad_(True)
+        y = fake_quant(xi, scale, zp, spec)
+        y.backward(up)
+        outs[compile_] = (y.detach(), xi.grad)
+    x_ref = x.clone().requires_grad_(True)
+    ref = _torch_fake_quant(x_ref, scale, zp, spec)
+    ref.backward(up)
+    for y, grad in outs.values():
+        assert torch.equal(y, ref.detach())  # bit for bit, ties included
+        assert torch.equal(grad, x_ref.grad)  # the clipped STE's mask is torch's cachemask
+
+
+def test_non_contiguous_and_small_tensors_take_the_core_ops() -> None:
+    x, scale, zp, spec = _large_case(False, False, 4)
+    xt = x.transpose(2, 3)  # not contiguous: no flat view, so the core op
+    assert torch.equal(fake_quant(xt, scale, zp, spec), _torch_fake_quant(xt, scale, zp, spec))
+    small = torch.randn(6, 5, requires_grad=True)
+    s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    spec8 = QuantSpec(bits=4, symmetric=True)
+    fake_quant(small, s, z, spec8).sum().backward()
+    codes = torch.round(small.detach() * (1 / s))
+    assert torch.equal(small.grad, ((codes >= -8) & (codes <= 7)).float())  # the saved mask, one multiply
