@@ -216,6 +216,8 @@ def _fused_args(
 ) -> tuple[Tensor, ...]:
     """Flat views and 0-d / broadcastable parameters for the compiled kernels, which then see only two layouts
     (a few compiled graphs in all): per tensor, ``x`` as 1-D; per channel, as (outer, C, inner)."""
+    # detached: the kernels compute no gradients, and a requires_grad flag would be one more compiled variant
+    x, scale, zero_point = x.detach(), scale.detach(), zero_point.detach()
     if axis < 0:
         view = x.reshape(-1)
         s = scale.to(torch.float32).reshape(())
@@ -299,7 +301,7 @@ def _backward(ctx, grad):
         return grad, None, None, None, None, None, None, None
     if ste == _STE_CODE["clipped"] and _use_fused(x) and grad.is_contiguous():
         view, inv_s, _, z, qmin, qmax = _fused_args(x, scale, zero_point, axis, quant_min, quant_max)
-        grad_x = _run_fused("grad", grad.view(view.shape), view, inv_s, z, qmin, qmax)
+        grad_x = _run_fused("grad", grad.detach().view(view.shape), view, inv_s, z, qmin, qmax)
         if grad_x is not None:
             return grad_x.view(x.shape), None, None, None, None, None, None, None
     s = _bshape(scale, x.dim(), axis)
