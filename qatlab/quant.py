@@ -269,18 +269,8 @@ def _fake_quant_impl(
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max)
 
 
-@torch.library.custom_op("qatlab::fake_quant", mutates_args=())
-def _fake_quant_op(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    quant_min: int,
-    quant_max: int,
-    axis: int,
-    ste: int,
-    grad_factor: float,
-) -> Tensor:
-    return _fake_quant_impl(x, scale, zero_point, quant_min, quant_max, axis, ste, grad_factor)
+# The same function as the custom op (its annotations give the op's schema): what export and compile capture.
+_fake_quant_op = torch.library.custom_op("qatlab::fake_quant", _fake_quant_impl, mutates_args=())
 
 
 @_fake_quant_op.register_fake
