@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -211,6 +212,12 @@ def _run_fused(name: str, *args):
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _grid_bounds(quant_min: int, quant_max: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """0-d float tensors of the grid's ends (tensors, so the compiled kernels are not specialised per grid)."""
+    return torch.tensor(float(quant_min), device=device), torch.tensor(float(quant_max), device=device)
+
+
 def _fused_args(
     x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int
 ) -> tuple[Tensor, ...]:
@@ -227,8 +234,7 @@ def _fused_args(
         view = x.reshape(math.prod(x.shape[:axis]), c, -1)
         s = scale.to(torch.float32).reshape(1, c, 1)
         z = zero_point.to(torch.float32).reshape(1, c, 1)
-    qmin = torch.tensor(float(quant_min))
-    qmax = torch.tensor(float(quant_max))
+    qmin, qmax = _grid_bounds(quant_min, quant_max, x.device)
     return view, 1.0 / s, s, z, qmin, qmax  # 1 / S as torch's kernels compute it (a float32 reciprocal)
 
 
