@@ -11,6 +11,7 @@ Usage: ``python bench/bench_train_step.py [--steps N] [--no-references]``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,6 +22,10 @@ from torch import nn
 import qatlab
 from qatlab import QATConfig, QuantSpec
 from qatlab.models import build_model
+
+# the steady state of a long run: fake_quant's compiled kernels from the first step, not after the
+# core-op warm-up a process otherwise starts with (quant.FUSED_AFTER_ELEMENTS)
+os.environ.setdefault("QATLAB_COMPILE", "1")
 
 
 def _step_fn(model, x, y):

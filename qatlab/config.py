@@ -184,6 +184,12 @@ class QATConfig:
             tokens ``"first"`` and ``"last"`` for the first and last quantizable layer.
         keep_bits: bit width for the ``keep`` layers; ``None`` leaves them in float.
         fuse_relu: fold a ReLU module that directly follows a conv/BN/linear into the quantized layer.
+        quantize_outputs: also fake-quantize (with the activation spec) the output of a quantized layer,
+            after its fused ReLU, where no quantized layer reads it next: before a pooling, a residual add,
+            a flatten (models that ``torch.fx`` traces; the model's own output stays float). An integer
+            runtime can then keep that layer in int8 too (ONNX Runtime: QLinearConv instead of a float conv
+            between a DequantizeLinear and the pooling), as deployment needs; the QAT model gains a
+            quantization point there, so its numbers differ slightly from the default's.
 
     Example:
         >>> cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True), keep=("first", "last"))
@@ -195,6 +201,7 @@ class QATConfig:
     keep: tuple[str, ...] = ()
     keep_bits: int | None = None
     fuse_relu: bool = True
+    quantize_outputs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, QuantSpec):
@@ -215,6 +222,11 @@ class QATConfig:
         if self.weight.ste == "pact":
             raise ValueError("weight.ste='pact' is not supported: PACT learns an activation clip; use 'lsq'")
         _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        if self.quantize_outputs and self.activation is None:
+            raise ValueError(
+                "quantize_outputs=True needs an activation spec (outputs use it); pass activation=QuantSpec(...) "
+                "or quantize_outputs=False"
+            )
         if isinstance(self.keep, str) or not all(isinstance(k, str) for k in self.keep):
             raise TypeError(f"keep={self.keep!r} must be a tuple of module names, e.g. ('first', 'last')")
         object.__setattr__(self, "keep", tuple(self.keep))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from qatlab.config import QATConfig
 from qatlab.data import reseed
-from qatlab.prepare import calibrate, prepare_qat, ptq
+from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare_qat, ptq, quantizers
 from qatlab.quant import sqnr
 
 
@@ -88,6 +88,12 @@ def layer_sensitivity(
 ) -> pd.DataFrame:
     """Quantize one layer at a time (all others float) with ``config``; PTQ accuracy and logit SQNR per layer.
 
+    Calibration runs once, on a copy with every layer quantized: calibration observes with fake quant off, so
+    each quantizer sees the float model's tensors, as it would with only its own layer quantized (up to float
+    rounding: upstream Conv+BN pairs compute in their folded form, a few ULP from the float model's; Linear
+    layers compute exactly as in float). Each single-layer model takes its quantizers' calibrated state from
+    that copy (a layer whose quantizers the copy lacks is calibrated on its own).
+
     Args:
         layers: names of quantizable layers (``nn.Conv2d``/``nn.Linear``) to try; None: all of them.
 
@@ -108,11 +114,24 @@ def layer_sensitivity(
         )
     ref, y = _logits(model.to(device), test_loader, device)
     float_acc = float((ref.argmax(1) == y).float().mean())
+    reseed(calib_loader, calib_seed)
+    every = calibrate(prepare_qat(model, replace(config, keep=(), keep_bits=None)).to(device), calib_loader,
+                      num_batches=calib_batches, device=device)  # fmt: skip
+    calibrated = dict(quantizers(every))
     rows = []
     for name in tqdm(layers, desc="one layer at a time", disable=not progress, leave=False):
         cfg = replace(config, keep=tuple(n for n in names if n != name), keep_bits=None)
-        reseed(calib_loader, calib_seed)
-        q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
+        q = prepare_qat(model, cfg).to(device)
+        own = dict(quantizers(q))
+        if own and own.keys() <= calibrated.keys():
+            for qname, quantizer in own.items():
+                quantizer.load_state_dict(calibrated[qname].state_dict())
+            freeze_observers(q)
+            freeze_bn_stats(q)
+            q.eval()
+        else:
+            reseed(calib_loader, calib_seed)
+            q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
         out, _ = _logits(q, test_loader, device)
         acc = float((out.argmax(1) == y).float().mean())
         rows.append(

@@ -124,6 +124,9 @@ class _QuantLayer(nn.Module):
     def _init_quant(self, wspec, aspec, out_channels: int, relu: bool) -> None:
         self.input_quant = _quantizer(aspec)
         self.weight_quant = _quantizer(wspec, out_channels)
+        self.output_quant: FakeQuantizer | None = (
+            None  # set by prepare_qat(quantize_outputs=True) where needed
+        )
         self.relu = relu
 
     def _qin(self, x: Tensor) -> Tensor:
@@ -133,7 +136,8 @@ class _QuantLayer(nn.Module):
         return w if self.weight_quant is None else self.weight_quant(w)
 
     def _act(self, y: Tensor) -> Tensor:
-        return F.relu(y) if self.relu else y
+        y = F.relu(y) if self.relu else y
+        return y if self.output_quant is None else self.output_quant(y)
 
     def _qbias(self, b: Tensor | None) -> Tensor | None:
         """Round the bias to the int32 grid of the accumulator, scale ``s_in * s_w``, as ONNX Runtime does.

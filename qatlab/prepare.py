@@ -144,6 +144,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
             f"model {type(model).__name__} has no quantizable layers (nn.Conv2d or nn.Linear); nothing to prepare"
         )
     keep = _resolve_keep(config.keep, [c[0] for c in chains], qat)
+    open_outputs: set[str] = set()
+    if config.quantize_outputs:
+        quantized = {c[0] for c in chains if c[0] not in keep or config.keep_bits is not None}
+        open_outputs = _open_outputs(qat, chains, quantized)
     for chain in chains:
         layer_path, relu_path = chain[0], chain[-1]
         bn_path = chain[1] if len(chain) == 3 else None
@@ -169,11 +173,33 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
             new = QuantConv2d(layer, wspec, aspec, relu=fuse_relu)
         else:
             new = QuantLinear(layer, wspec, aspec, relu=fuse_relu)
+        if config.quantize_outputs and aspec is not None and layer_path in open_outputs:
+            new.output_quant = FakeQuantizer(aspec)
         _set(qat, layer_path, new)
         if fuse_relu:
             _set(qat, relu_path, nn.Identity())
     qat.train(model.training)
     return qat
+
+
+def _open_outputs(model: nn.Module, chains: list[list[str]], quantized: set[str]) -> set[str]:
+    """Layers (first names of ``chains``) whose output, after the chain's BN/ReLU, goes somewhere other than a
+    quantized layer's input and other than the model's output: a pooling, an add, a flatten. Needs fx."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # untraceable (HF models): no output quantizers
+        return set()
+    last = {(c[-1] or (c[1] if len(c) == 3 else c[0])): c[0] for c in chains}  # chain's last module -> layer
+    out = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in last:
+            continue
+        users = list(node.users)
+        to_output = any(u.op == "output" for u in users)
+        to_quantized = all(u.op == "call_module" and u.target in quantized for u in users)
+        if users and not to_output and not to_quantized:
+            out.add(last[node.target])
+    return out
 
 
 def _resolve_keep(keep: Iterable[str], layer_paths: list[str], model: nn.Module) -> set[str]:
@@ -387,7 +413,7 @@ def convert(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             new.weight.copy_(w)
             new.bias = nn.Parameter(b.clone())
-        new.input_quant, new.weight_quant = m.input_quant, m.weight_quant
+        new.input_quant, new.weight_quant, new.output_quant = m.input_quant, m.weight_quant, m.output_quant
         if m.mode == "keep" and new.weight_quant is not None:
             new.weight_quant.observer.reset()
             new.weight_quant.observer(new.weight)

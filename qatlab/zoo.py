@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,33 +61,55 @@ def trained_cnn(
     """
     from qatlab.train import evaluate, fit
 
-    is_fast = fast()
-    epochs = (3 if is_fast else 8) if epochs is None else epochs
+    epochs = (3 if fast() else 8) if epochs is None else epochs
     train, test, dataset = dataset_loaders(dataset, seed=seed)
     if name == "mlp" and dataset == "digits":
         model_kwargs.setdefault("in_features", 64)
     torch.manual_seed(seed)
     model = build_model(name, **model_kwargs).to(device)
     tag = "_".join(f"{k}{v}" for k, v in sorted(model_kwargs.items()))
-    key = f"{name}{'_' + tag if tag else ''}_{dataset}_e{epochs}_lr{lr}_s{seed}{'_fast' if is_fast else ''}"
+    key = f"{name}{'_' + tag if tag else ''}_{dataset}_e{epochs}_lr{lr}_s{seed}"
+
+    def train_it(m: nn.Module) -> dict[str, Any]:
+        history = fit(m, train, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
+        return {
+            "dataset": dataset,
+            "epochs": epochs,
+            "test_acc": evaluate(m, test, device=device)["acc"],
+            "history": history.to_dict("records"),
+        }
+
+    info = checkpointed(key, model, train_it, device=device)
+    return model.eval(), (train, test), info
+
+
+def checkpointed(
+    key: str,
+    model: nn.Module,
+    train: Callable[[nn.Module], dict[str, Any]],
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train ``model`` in place once and cache it: the next call with the same ``key`` loads the weights instead.
+
+    ``train(model)`` trains and returns a JSON-able dict (accuracy, history...), stored beside the weights in
+    ``build/checkpoints/<key>[_fast].{pt,json}`` (written atomically: an interrupted run leaves no checkpoint).
+    The key must name everything the training depends on (data, epochs, LR, seed); fast mode gets its own.
+
+    Returns:
+        ``train``'s dict, plus ``checkpoint`` (the weights' path) and ``cached`` (True when loaded).
+    """
     folder = build_dir() / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
+    key = f"{key}_fast" if fast() else key
     ckpt, meta_path = folder / f"{key}.pt", folder / f"{key}.json"
     if ckpt.exists() and meta_path.exists():
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        info = json.loads(meta_path.read_text())
+        info, cached = json.loads(meta_path.read_text()), True
     else:
-        history = fit(model, train, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
-        info = {
-            "dataset": dataset,
-            "epochs": epochs,
-            "test_acc": evaluate(model, test, device=device)["acc"],
-            "history": history.to_dict("records"),
-        }
+        info, cached = train(model), False
         save_atomic(model.state_dict(), ckpt)
         write_atomic(meta_path, json.dumps(info))
-    info["checkpoint"] = str(ckpt)
-    return model.eval(), (train, test), info
+    return {**info, "checkpoint": str(ckpt), "cached": cached}
 
 
 def mobilenet_v2_imagenet() -> MobileNetV2:

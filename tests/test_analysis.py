@@ -89,3 +89,34 @@ def test_qat_run_does_not_depend_on_what_ran_before(setup):
     assert a["ptq_acc"] == b["ptq_acc"] and a["acc"] == b["acc"]
     for (name, pa), pb in zip(a["model"].state_dict().items(), b["model"].state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("observer", ["ema", "percentile"])
+def test_layer_sensitivity_equals_one_ptq_per_layer(observer):
+    """One shared calibration gives each layer exactly what its own PTQ (every other layer float) gives."""
+    from dataclasses import replace
+
+    from qatlab.data import reseed
+
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, width=8).eval()
+    calib = [(torch.randn(16, 1, 12, 12), torch.randint(0, 10, (16,))) for _ in range(3)]
+    test = [(torch.randn(32, 1, 12, 12), torch.randint(0, 10, (32,))) for _ in range(2)]
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True, observer=observer),
+                    activation=QuantSpec(bits=4, observer=observer))  # fmt: skip
+    df = experiments.layer_sensitivity(model, cfg, calib, test, calib_batches=2, progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(df["layer"]) == sorted(names)
+    ref = torch.cat([model(x) for x, _ in test])
+    for name in names:
+        reseed(calib, 0)
+        one = replace(cfg, keep=tuple(n for n in names if n != name))
+        q = qatlab.ptq(model, one, calib, num_batches=2)
+        with torch.no_grad():
+            out = torch.cat([q(x) for x, _ in test])
+        row = df.set_index("layer").loc[name]
+        # upstream Conv+BN compute folded while calibrating: ranges agree to float rounding, not bit for bit
+        assert row["output_sqnr_db"] == pytest.approx(qatlab.quant.sqnr(ref.detach(), out), rel=1e-5)
+        assert row["acc"] == pytest.approx(
+            float((out.argmax(1) == torch.cat([y for _, y in test])).float().mean())
+        )

@@ -8,7 +8,7 @@ from torch import nn
 
 import qatlab
 from qatlab import QATConfig, QuantSpec
-from qatlab.data import digits_loaders
+from qatlab.data import digits_loaders, reseed
 from qatlab.export import (
     export_onnx,
     integer_kernel_count,
@@ -144,8 +144,24 @@ def test_ort_runs_integer_kernels(trained, digits, tmp_path):
     assert integer_kernel_count(counts) >= counts["QLinearConv"]
 
 
+@pytest.mark.parametrize("name", ["cnn", "dwcnn", "resnet"])
+def test_quantize_outputs_keeps_every_conv_integer(trained, digits, tmp_path, name):
+    train, x_test = digits
+    convs = sum(isinstance(m, nn.Conv2d) for m in trained[name].modules())
+    counts = {}
+    for flag in (False, True):
+        q = qatlab.ptq(trained[name], QATConfig(quantize_outputs=flag), train, num_batches=2)
+        path = export_onnx(q, tmp_path / f"{name}_{flag}.onnx", x_test[:1])
+        assert verify_onnx(q, path, x_test[:64])["passed"]
+        counts[flag] = ort_integer_kernels(path)
+    assert counts[True].get("QLinearConv", 0) == convs, counts[True]
+    # without it, a conv whose output goes to a pooling or an add (no Q after it) runs in float in ORT
+    assert counts[False].get("QLinearConv", 0) < convs, counts[False]
+
+
 def test_layerwise_comparison_lists_every_layer(trained, digits, tmp_path):
     train, x_test = digits
+    reseed(train, 0)  # the same calibration batches whatever ran before (no rounding tie at these ranges)
     model = qatlab.ptq(
         trained["cnn"], QATConfig(weight=QuantSpec(bits=4, symmetric=True)), train, num_batches=4
     )

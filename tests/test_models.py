@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qatlab import zoo
+from qatlab.config import fast
 from qatlab.models import (
     MLP,
     MODELS,
@@ -154,3 +156,31 @@ def test_mobilenet_v2_structure_and_pretrained_weights():
     assert w.shape == (32, 3, 3, 3) and w.abs().max() > 0.1  # trained weights, not an init
     # ImageNet BN statistics: running variances far from the init value of 1
     assert (pretrained.features[0][1].running_var - 1).abs().max() > 1
+
+
+def test_checkpointed_trains_once_then_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("QATLAB_BUILD", str(tmp_path))
+    calls = []
+
+    def train(m):
+        calls.append(1)
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        return {"acc": 0.5}
+
+    torch.manual_seed(0)
+    first = nn.Linear(3, 2)
+    info = zoo.checkpointed("lin_demo", first, train)
+    torch.manual_seed(1)
+    second = nn.Linear(3, 2)  # other initial weights: loading must replace them
+    again = zoo.checkpointed("lin_demo", second, train)
+    assert calls == [1] and not info["cached"] and again["cached"] and again["acc"] == 0.5
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+
+    def broken(m):
+        raise KeyboardInterrupt  # an interrupted training run leaves no checkpoint behind
+
+    with pytest.raises(KeyboardInterrupt):
+        zoo.checkpointed("lin_broken", nn.Linear(3, 2), broken)
+    stem = "lin_demo_fast" if fast() else "lin_demo"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"{stem}.json", f"{stem}.pt"]

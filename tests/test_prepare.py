@@ -222,3 +222,34 @@ def test_reestimate_bn_is_a_plain_average_over_batches():
         qatlab.reestimate_bn(nn.Linear(3, 3), batches)
     with pytest.raises(ValueError, match="no batches"):
         qatlab.reestimate_bn(model, [])
+
+
+def test_quantize_outputs_only_where_no_quantized_layer_reads_next():
+    def outputs(model, **kw):
+        q = qatlab.prepare_qat(model, QATConfig(quantize_outputs=True, **kw))
+        return [n for n, _ in quantizers(q) if n.endswith("output_quant")]
+
+    torch.manual_seed(0)
+    cnn = build_model("cnn")
+    assert outputs(cnn) == ["features.9.output_quant"]  # the last conv feeds the pooling
+    assert outputs(cnn, keep=("features.3",)) == ["features.0.output_quant", "features.9.output_quant"]
+    assert outputs(cnn, keep=("features.3",), keep_bits=4) == ["features.9.output_quant"]
+    assert outputs(build_model("resnet")) == [  # the residual adds read these
+        "stem.0.output_quant", "layer1.conv2.output_quant", "layer2.conv2.output_quant",
+        "layer2.downsample.0.output_quant",
+    ]  # fmt: skip
+    assert not [
+        n for n, _ in quantizers(qatlab.prepare_qat(cnn)) if n.endswith("output_quant")
+    ]  # off by default
+    # the output quantizer reads the fused ReLU's output: its range starts at 0, the grid's first code
+    q = qatlab.calibrate(qatlab.prepare_qat(cnn, QATConfig(quantize_outputs=True)), _batches())
+    oq = q.features[9].output_quant
+    assert float(oq.observer.min_val) == 0.0 and int(oq.zero_point) == oq.spec.qmin
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        q.features[9].output_quant = None
+        inner = q(x)  # the same model without the output quantizer
+        q.features[9].output_quant = oq
+        assert not torch.equal(q(x), inner)
+    with pytest.raises(ValueError, match="quantize_outputs=True needs an activation spec"):
+        QATConfig(activation=None, quantize_outputs=True)

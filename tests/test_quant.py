@@ -647,3 +647,31 @@ def test_non_contiguous_and_small_tensors_take_the_core_ops() -> None:
     fake_quant(small, s, z, spec8).sum().backward()
     codes = torch.round(small.detach() * (1 / s))
     assert torch.equal(small.grad, ((codes >= -8) & (codes <= 7)).float())  # the saved mask, one multiply
+
+
+def test_auto_mode_compiles_only_after_enough_elements(monkeypatch) -> None:
+    """Unset QATLAB_COMPILE: core ops until FUSED_AFTER_ELEMENTS elements went through them, then the compiled
+    kernels; the numbers are the same on both sides of the switch."""
+    from qatlab import quant
+
+    monkeypatch.delenv("QATLAB_COMPILE", raising=False)
+    x, scale, zp, spec = _large_case(False, False, 4)
+    monkeypatch.setattr(quant, "FUSED_AFTER_ELEMENTS", 2 * x.numel())
+    monkeypatch.setattr(quant, "_SEEN", [0])
+    monkeypatch.setattr(quant, "_FUSED", {})
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    x_ref = x.clone().requires_grad_(True)
+    ref = _torch_fake_quant(x_ref, scale, zp, spec)
+    ref.backward(up)
+    used = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_(True)
+        y = fake_quant(xi, scale, zp, spec)
+        y.backward(up)
+        used.append("fwd" in quant._FUSED)
+        assert torch.equal(y, ref.detach()) and torch.equal(xi.grad, x_ref.grad)
+    assert used == [False, False, True]  # two calls' worth of elements, then the compiled kernel
+    assert quant._SEEN[0] == 2 * x.numel() and "fwd" in quant._FUSED
+    small = torch.randn(100)
+    fake_quant(small, scale, zp, spec)
+    assert quant._SEEN[0] == 2 * x.numel()  # small tensors never count: they always take the core ops
