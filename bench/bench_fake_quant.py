@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import save_report
+from common import save_report, steady_allocator
 
 from qatlab import QuantSpec
 from qatlab.quant import fake_quant, qparams
@@ -66,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    steady_allocator()
     os.environ["QATLAB_COMPILE"] = "1"  # the steady state: compiled from the first call, not after warm-up
     torch.set_num_threads(1)
     cases = [((64, 16, 28, 28), False), ((64, 32, 14, 14), False), ((256, 256, 3, 3), True)]

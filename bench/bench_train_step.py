@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import save_report
+from common import save_report, steady_allocator
 from torch import nn
 
 import qatlab
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--no-references", action="store_true", help="qatlab and FP32 only")
     args = parser.parse_args()
+    steady_allocator()
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     lines = [
         f"QAT vs FP32 train step (W8A8: per-channel weights, moving-average activation ranges), batch 64, "
