@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -187,7 +188,12 @@ def _open_outputs(model: nn.Module, chains: list[list[str]], quantized: set[str]
     quantized layer's input and other than the model's output: a pooling, an add, a flatten. Needs fx."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable (HF models): no output quantizers
+    except Exception as exc:  # untraceable (HF models): no output quantizers, and the user is told
+        warnings.warn(
+            f"quantize_outputs=True: {type(model).__name__} does not trace with torch.fx ({type(exc).__name__}), "
+            "so no layer outputs are quantized; the layer inputs are, as with quantize_outputs=False",
+            stacklevel=3,
+        )
         return set()
     last = {(c[-1] or (c[1] if len(c) == 3 else c[0])): c[0] for c in chains}  # chain's last module -> layer
     out = set()

@@ -134,6 +134,9 @@ def test_untraceable_model_falls_back_to_sequential():
     x = torch.randn(4, 1, 6, 6)
     enable_fake_quant(qat, False)
     assert (qat(x) - model(x)).abs().max().item() <= 1e-5
+    with pytest.warns(UserWarning, match="does not trace with torch.fx"):
+        outs = qatlab.prepare_qat(model, QATConfig(quantize_outputs=True))
+    assert not [n for n, _ in quantizers(outs) if n.endswith("output_quant")]
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
