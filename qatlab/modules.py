@@ -124,9 +124,8 @@ class _QuantLayer(nn.Module):
     def _init_quant(self, wspec, aspec, out_channels: int, relu: bool) -> None:
         self.input_quant = _quantizer(aspec)
         self.weight_quant = _quantizer(wspec, out_channels)
-        self.output_quant: FakeQuantizer | None = (
-            None  # set by prepare_qat(quantize_outputs=True) where needed
-        )
+        # set by prepare_qat(quantize_outputs=True) where no quantized layer reads the output
+        self.output_quant: FakeQuantizer | None = None
         self.relu = relu
 
     def _qin(self, x: Tensor) -> Tensor:

@@ -149,9 +149,8 @@ class Observer(nn.Module):
                 "observer has seen no data, so there is no range to quantize with: run calibrate(model, loader) "
                 "or a training step with observers enabled first"
             )
-        return _qparams(
-            self.min_val, self.max_val, self.spec
-        )  # the range is finite and ordered by construction
+        # the range is finite (checked in forward) and ordered by construction: no need for qparams' checks
+        return _qparams(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:
         self.initialized.fill_(False)

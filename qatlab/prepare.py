@@ -39,12 +39,16 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _chains_fx(model: nn.Module) -> list[list[str]] | None:
-    """Conv->BN(->ReLU) and Linear->ReLU chains from an fx trace; None if the model does not trace."""
+def _fx_graph(model: nn.Module) -> torch.fx.Graph | None:
+    """The model's fx graph; None if it does not trace (control flow, HF models)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # any tracing failure (control flow, HF models): use the Sequential fallback
+        return torch.fx.symbolic_trace(model).graph
+    except Exception:  # any tracing failure: callers fall back (Sequential chains, no output quantizers)
         return None
+
+
+def _chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[list[str]]:
+    """Conv->BN(->ReLU) and Linear->ReLU chains from the model's fx graph."""
     mods = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -137,9 +141,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
         raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
     _check_model(model)
     qat = copy.deepcopy(model)
-    chains = _chains_fx(qat)
-    if chains is None:
-        chains = _chains_sequential(qat)
+    graph = _fx_graph(qat)
+    chains = _chains_fx(qat, graph) if graph is not None else _chains_sequential(qat)
     if not chains:
         raise ValueError(
             f"model {type(model).__name__} has no quantizable layers (nn.Conv2d or nn.Linear); nothing to prepare"
@@ -148,7 +151,14 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     open_outputs: set[str] = set()
     if config.quantize_outputs:
         quantized = {c[0] for c in chains if c[0] not in keep or config.keep_bits is not None}
-        open_outputs = _open_outputs(qat, chains, quantized)
+        if graph is None:
+            warnings.warn(
+                f"quantize_outputs=True: {type(model).__name__} does not trace with torch.fx, so no layer outputs "
+                "are quantized; the layer inputs are, as with quantize_outputs=False",
+                stacklevel=2,
+            )
+        else:
+            open_outputs = _open_outputs(graph, chains, quantized)
     for chain in chains:
         layer_path, relu_path = chain[0], chain[-1]
         bn_path = chain[1] if len(chain) == 3 else None
@@ -183,18 +193,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     return qat
 
 
-def _open_outputs(model: nn.Module, chains: list[list[str]], quantized: set[str]) -> set[str]:
+def _open_outputs(graph: torch.fx.Graph, chains: list[list[str]], quantized: set[str]) -> set[str]:
     """Layers (first names of ``chains``) whose output, after the chain's BN/ReLU, goes somewhere other than a
-    quantized layer's input and other than the model's output: a pooling, an add, a flatten. Needs fx."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # untraceable (HF models): no output quantizers, and the user is told
-        warnings.warn(
-            f"quantize_outputs=True: {type(model).__name__} does not trace with torch.fx ({type(exc).__name__}), "
-            "so no layer outputs are quantized; the layer inputs are, as with quantize_outputs=False",
-            stacklevel=3,
-        )
-        return set()
+    quantized layer's input and other than the model's output: a pooling, an add, a flatten."""
     last = {(c[-1] or (c[1] if len(c) == 3 else c[0])): c[0] for c in chains}  # chain's last module -> layer
     out = set()
     for node in graph.nodes:
