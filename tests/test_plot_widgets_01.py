@@ -198,6 +198,47 @@ def test_update_fake_quant_scale_zero_point_symmetric_and_ste():
     assert len(lsq.axes[3].lines) == 1
 
 
+def test_fake_quant_caption_states_the_grid_the_figure_draws():
+    # hand-computed: 3-bit asymmetric codes 0..7, Z = 99 clamped to 7, so S * (q - Z) runs from -1.75 to 0
+    assert widgets.fake_quant_caption(3, 0.25, 99, False, "clipped") == (
+        "3-bit asymmetric grid: S = 0.25, Z = 7, codes 0..7 cover [-1.75, 0]; STE: clipped"
+    )
+    # symmetric: Z forced to 0, codes -4..3 (the figure's levels, as in the test above)
+    caption = widgets.fake_quant_caption(3, 0.25, 5, True, "lsq")
+    assert caption == "3-bit symmetric grid: S = 0.25, Z = 0, codes -4..3 cover [-1, 0.75]; STE: lsq"
+    levels = _levels(widgets.update_fake_quant(bits=3, scale=0.25, zero_point=5, symmetric=True))
+    assert (levels.min(), levels.max()) == (-1.0, 0.75)
+
+
+def test_figure_png_is_the_tight_png_and_off_main_thread_redraws_warn():
+    import struct
+    import threading
+
+    import matplotlib.pyplot as plt
+
+    fig = widgets.update_fake_quant(bits=3, scale=0.25, zero_point=4)
+    png = widgets.figure_png(fig)
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    full_w, full_h = (fig.get_size_inches() * fig.dpi).round()
+    assert (
+        png[:8] == b"\x89PNG\r\n\x1a\n" and 0.8 * full_w < width <= full_w and 0.8 * full_h < height <= full_h
+    )
+    out = widgets.W.Output()
+    widgets.show_figure(out, fig, "main thread")  # no warning here (pytest's filter would not hide it)
+    caught = []
+
+    def off_main():
+        with pytest.warns(RuntimeWarning, match="Kernel Comms over subshells") as rec:
+            widgets.show_figure(out, widgets.update_fake_quant(bits=2, scale=0.5, zero_point=1), "thread")
+        caught.extend(rec)
+
+    t = threading.Thread(target=off_main)
+    t.start()
+    t.join()
+    assert len(caught) == 1
+    plt.close("all")
+
+
 def test_explorer_controls_redraw_through_the_callback(monkeypatch):
     calls = []
     real = widgets.update_fake_quant
@@ -226,7 +267,7 @@ def test_explorer_controls_redraw_through_the_callback(monkeypatch):
     assert calls[-1][0] == 6 and zp.max == 63
     zp.value = 40
     bits.value = 3  # the zero point no longer fits: clamped to the 3-bit qmax, one redraw
-    assert zp.value == 7 and calls[-1][:3] == (3, pytest.approx(0.25), 7)
+    assert zp.value == 7 and calls[-1][:3] == (3, pytest.approx(10**-0.6), 7)
     n = len(calls)
     sym.value = True
     assert zp.disabled and calls[-1][3] is True and len(calls) == n + 1

@@ -52,8 +52,9 @@ def test_quant_error_callback_follows_the_controls():
     n_lines = [len(f.axes[0].lines) for f in (f4, f2)]
     assert n_lines == [16 + 2, 4 + 2]  # one line per grid level at 4 and 2 bits, plus the two range ends
     titles = [f.axes[0].get_title() for f in (f4, f4pc, fa)]
-    assert "4 bits, minmax" in titles[0] and "activation" in titles[2] and "mse" in titles[2]
+    assert "4 bits, minmax, per-tensor" in titles[0] and "per-channel" in titles[1]
+    assert "activation" in titles[2] and "mse" in titles[2]
     sqnr = [float(t.split("SQNR ")[1].split(" dB")[0]) for t in titles[:2]]
     assert sqnr[1] > sqnr[0]  # per-channel scales: less error
     box = widgets.quant_error_explorer(tensors)
-    assert "qatlab-quant-error" in box._dom_classes
+    assert "qatlab-qe-explorer" in box._dom_classes

@@ -104,6 +104,12 @@ def test_update_bn_fold_changes_with_layer_and_bits(layers):
     pt8, pt3 = _ydata(fig.axes[1])[0], _ydata(fig_bits.axes[1])[0]
     assert not np.allclose(pt8, pt3)
     assert not np.allclose(_ydata(fig.axes[0])[0], _ydata(fig_layer.axes[0])[0])
+    # the title (the explorer's text line) carries the bit width and the medians of the per-channel SQNRs
+    st = widgets.bn_fold_channel_stats(*layers["dw"], bits=3)
+    title = fig_bits.get_suptitle()
+    assert title.startswith("dw ") and " at 3 bits: " in title
+    assert f"{st['sqnr_per_tensor'].median():.1f} dB per tensor" in title
+    assert f"{st['sqnr_per_channel'].median():.1f} dB per channel" in title
     for f in (fig, fig_bits, fig_layer):
         _close(f)
 

@@ -30,3 +30,11 @@ def test_findings_table_is_linked_and_lists_every_finding_with_a_verdict():
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         assert cells[1] == finding.claim and cells[2] == finding.paper
         assert cells[-1] in ("reproduced", "partly", "not reproduced") and cells[-2] == "2"
+
+
+def test_readme_images_exist():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert len(images) >= 3
+    for path in images:
+        png = (README.parent / path).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", path
