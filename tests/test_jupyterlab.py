@@ -502,3 +502,13 @@ def test_every_explorer_and_control_is_covered():
         tested = {f"{e.prefix}-{part}" for part in ("explorer", "output")}
         tested |= {f"{e.prefix}-{c.name}" for c in e.controls}
         assert _classes(boxes[e.prefix]) == tested, e.notebook
+
+
+def test_missing_browser_is_named(monkeypatch, tmp_path):
+    """Without Chromium the browser tests skip with a message that names it and how make test installs it."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    message = _missing()
+    if message is not None and "playwright" in message:  # playwright itself absent: that message comes first
+        assert "pip install playwright" in message
+    else:
+        assert message is not None and "no-chromium" in message and "apt-get" in message
