@@ -217,8 +217,8 @@ def test_make_lab_serves_the_notebooks(tmp_path):
         _, listing = http(f"{base}/api/contents/", token)
         served = sorted(item["name"] for item in listing["content"] if item["type"] == "notebook")
         assert served == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
-        _, lab_page = 200, urllib.request.urlopen(f"{base}/lab?token={token}", timeout=10).read()
-        assert b"JupyterLab" in lab_page
+        with urllib.request.urlopen(f"{base}/lab?token={token}", timeout=10) as page:
+            assert page.status == 200 and b"JupyterLab" in page.read()
         # widget messages stay on the kernel's main thread (config/jupyterlab-overrides.json, installed by setup)
         assert comms_over_subshells(base, token) == "disabled"
     finally:
