@@ -66,6 +66,9 @@ def show_figure(out: W.Output, fig, caption: str = "") -> None:
 # ---- 01 fake quantization and the STE ---------------------------------------------------------------------
 
 FAKE_QUANT_X = (-2.0, 2.0, 1601)  # the explorer's fixed x axis: changing S visibly stretches the grid
+# the explorer's first S, about 0.2512: a point of its log slider's grid (log10 steps of 0.01). 0.25 is not,
+# and the browser would snap it and send it back, redrawing once for nothing.
+FAKE_QUANT_SCALE = 10**-0.6
 
 
 def update_fake_quant(
@@ -118,8 +121,7 @@ def fake_quant_explorer(x=None) -> W.VBox:
     style = {"description_width": "90px"}
     bits = W.IntSlider(value=4, min=2, max=8, description="bits", style=style)
     scale = W.FloatLogSlider(
-        value=10
-        ** -0.6,  # ~0.2512, on the slider's grid: 0.25 is not, and the browser would snap it and redraw
+        value=FAKE_QUANT_SCALE,
         base=10,
         min=-2.5,
         max=0,

@@ -267,7 +267,7 @@ def test_explorer_controls_redraw_through_the_callback(monkeypatch):
     assert calls[-1][0] == 6 and zp.max == 63
     zp.value = 40
     bits.value = 3  # the zero point no longer fits: clamped to the 3-bit qmax, one redraw
-    assert zp.value == 7 and calls[-1][:3] == (3, pytest.approx(10**-0.6), 7)
+    assert zp.value == 7 and calls[-1][:3] == (3, pytest.approx(widgets.FAKE_QUANT_SCALE), 7)
     n = len(calls)
     sym.value = True
     assert zp.disabled and calls[-1][3] is True and len(calls) == n + 1
