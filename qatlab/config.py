@@ -76,6 +76,11 @@ class QuantSpec:
         per_channel: one scale per slice along ``ch_axis`` instead of one per tensor.
         ch_axis: channel axis for per-channel quantization (0 for conv/linear weights).
         narrow_range: drop the most negative code of a symmetric grid (e.g. -127..127 at 8 bits).
+        reduce_range: use half the grid in the same container, one bit less of range (8-bit signed
+            ``[-64, 63]``, unsigned ``[0, 127]``), the convention of torch.ao's x86/fbgemm qconfig and ONNX
+            Runtime's ``quantize_static(reduce_range=True)``. x86-64 CPUs with AVX2 but no VNNI add pairs of
+            u8 x s8 products in int16 with saturation; with 7-bit weights or activations no pair can overflow
+            (``qatlab.saturation``). Needs ``bits >= 3``.
         observer: range estimator: ``"minmax"``, ``"ema"`` (moving-average min-max), ``"percentile"``, ``"mse"``;
             or ``"dynamic"``: no stored range, each tensor is quantized with its own min/max at run time
             (per tensor, activations only, a fixed estimator: no learned scale).
@@ -95,6 +100,7 @@ class QuantSpec:
     per_channel: bool = False
     ch_axis: int = 0
     narrow_range: bool = False
+    reduce_range: bool = False
     observer: str = "minmax"
     ste: str = "clipped"
     averaging_constant: float = 0.01
@@ -110,7 +116,7 @@ class QuantSpec:
                 f"bits={self.bits} is out of range; fake quantization supports {MIN_BITS}..{MAX_BITS} bits "
                 "(use bits=8 for int8, bits=4 for int4)"
             )
-        for name in ("symmetric", "per_channel", "narrow_range"):
+        for name in ("symmetric", "per_channel", "narrow_range", "reduce_range"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
         if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
@@ -126,6 +132,11 @@ class QuantSpec:
             raise ValueError(
                 "narrow_range=True needs symmetric=True (it drops the most negative signed code)"
             )
+        if self.reduce_range and self.bits < 3:
+            raise ValueError(
+                f"reduce_range=True with bits={self.bits} would leave a {self.bits - 1}-bit grid; use bits >= 3 "
+                "(reduce_range is meant for 8-bit codes: bits=8 gives [-64, 63] signed, [0, 127] unsigned)"
+            )
         for name in ("averaging_constant", "percentile"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -136,16 +147,21 @@ class QuantSpec:
             raise ValueError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
 
     @property
+    def range_bits(self) -> int:
+        """Bits of range the codes use: ``bits``, or one less with ``reduce_range``."""
+        return self.bits - 1 if self.reduce_range else self.bits
+
+    @property
     def qmin(self) -> int:
         """Smallest integer code of the grid."""
         if not self.symmetric:
             return 0
-        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+        return -(2 ** (self.range_bits - 1)) + (1 if self.narrow_range else 0)
 
     @property
     def qmax(self) -> int:
         """Largest integer code of the grid."""
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        return 2 ** (self.range_bits - 1) - 1 if self.symmetric else 2**self.range_bits - 1
 
     @property
     def signed(self) -> bool:

@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -213,3 +213,34 @@ def qat_run(
         "history": history,
         "model": qat,
     }
+
+
+def compare_arms(a: Sequence[float], b: Sequence[float], min_effect: float = 0.002) -> dict[str, Any]:
+    """Paired comparison of two arms run with the same seeds (``a[i]`` and ``b[i]`` share seed ``i``).
+
+    The per-seed differences ``a - b`` give a mean and a 95% confidence interval (Student's t over the seeds).
+    Verdict: ``"held"`` (a better) when the interval lies above 0 and the mean exceeds ``min_effect``,
+    ``"reversed"`` when it lies below 0 and the mean is under ``-min_effect``, ``"no clear difference"``
+    otherwise, ``"one seed: no verdict"`` with a single seed. A verdict that needs more seeds to be stable reads
+    "no clear difference" rather than flipping between machines.
+
+    Example:
+        >>> compare_arms([0.90, 0.91, 0.92], [0.88, 0.89, 0.90])["verdict"]
+        'held'
+    """
+    from scipy import stats
+
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"a and b need the same, non-zero number of seeds; got {len(a)} and {len(b)}")
+    diff = pd.Series([float(x) - float(y) for x, y in zip(a, b, strict=True)])
+    n, mean = len(diff), float(diff.mean())
+    if n < 2:
+        return {"mean_diff": mean, "ci95": float("nan"), "seeds": n, "verdict": "one seed: no verdict"}
+    half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / n**0.5)
+    if mean - half > 0 and mean > min_effect:
+        verdict = "held"
+    elif mean + half < 0 and mean < -min_effect:
+        verdict = "reversed"
+    else:
+        verdict = "no clear difference"
+    return {"mean_diff": mean, "ci95": half, "seeds": n, "verdict": verdict}

@@ -16,8 +16,13 @@ every ``qatlab::fake_quant`` node to ``QuantizeLinear -> [Clip] -> DequantizeLin
   (``modules._QuantLayer._qbias``), so the exported float bias is a fixed point of ORT's rounding and
   PyTorch and ORT compute the same thing; no ORT optimizer has to be switched off.
 
-``verify_onnx`` runs the file in ONNX Runtime and compares with the PyTorch model; ``ort_integer_kernels``
-and ``time_ort`` show whether ORT really runs integer kernels and what that buys.
+``verify_onnx`` checks two parities and reports them apart: ``semantic_passed``, the file run by the ONNX
+reference evaluator (numpy, no ONNX Runtime kernel: the export itself is right, on every CPU), and ``passed``,
+ONNX Runtime on this CPU. Where ORT's int8 kernels saturate (x86-64 with AVX2 but no VNNI, see
+``qatlab.saturation``) and the file has weight pairs that can overflow int16, the report's ``diagnosis`` names the
+cause, the layers and the fix (``QuantSpec(reduce_range=True)``), and ``export_onnx`` warns when it writes such a
+file on such a CPU. ``export_and_check`` does export + verify in one call for the notebooks.
+``ort_integer_kernels`` and ``time_ort`` show whether ORT really runs integer kernels and what that buys.
 """
 
 from __future__ import annotations
@@ -127,9 +132,9 @@ def check_exportable(model: nn.Module, opset: int) -> None:
                 f"quantizer {name!r} uses {q.spec.bits} bits; ONNX export supports 2..8 bits "
                 "(keep that layer in float with QATConfig(keep=...) instead)"
             )
-        if q.spec.bits <= 4 and opset < 21:
+        if q.spec.range_bits <= 4 and opset < 21:
             raise ValueError(
-                f"{q.spec.bits}-bit quantizer {name!r} needs opset >= 21 (INT4/UINT4); got opset={opset}"
+                f"{q.spec.range_bits}-bit quantizer {name!r} needs opset >= 21 (INT4/UINT4); got opset={opset}"
             )
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old for per-axis QDQ export; use opset=21 (the default)")
@@ -220,7 +225,28 @@ def export_onnx(
     program.save(str(tmp))
     os.replace(tmp, path)  # never leave a half-written file behind
     onnx.checker.check_model(str(path), full_check=True)
+    _warn_if_saturates(path)
     return path
+
+
+def _warn_if_saturates(path: Path) -> None:
+    """Warn when this CPU's ONNX Runtime int8 kernels will saturate on the file just written."""
+    from qatlab import saturation
+
+    cpu = saturation.cpu_int8()
+    if not cpu.saturates:
+        return
+    risk = saturation.layers_at_risk(path)
+    names = list(risk.loc[risk["at_risk"], "layer"])
+    if names:
+        warnings.warn(
+            f"{path.name}: ONNX Runtime on this CPU ({cpu.description}) will saturate in {len(names)} layer(s) "
+            f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): their neighbouring int8 weight codes "
+            "times the largest uint8 activation code exceed 32767. The file is right; its ORT output here is "
+            "not. Fix: QuantSpec(..., reduce_range=True) for the weights or the activations (train with it), "
+            "or deploy on a CPU with VNNI, AMX or ARM64.",
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,6 +344,53 @@ def _argmax_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, int]:
     return float(agree.mean()), ties
 
 
+def _parity(ref: np.ndarray, out: np.ndarray, lsb: float, flip: float, tol_lsb: float, min_agreement: float):
+    """How far ``out`` is from ``ref``: max abs diff, in output LSBs and flip steps, argmax agreement, passed."""
+    diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+    agreement, ties = _argmax_agreement(ref, out)
+    passed = diff / lsb <= tol_lsb and (np.isnan(agreement) or agreement >= min_agreement)
+    return {
+        "max_abs_diff": diff,
+        "diff_in_lsb": diff / lsb,
+        "diff_in_flips": diff / flip,
+        "argmax_agreement": agreement,
+        "argmax_ties": ties,
+        "passed": bool(passed),
+    }
+
+
+def ort_outputs(path: str | os.PathLike, inputs: tuple[Tensor, ...], threads: int = 1) -> np.ndarray:
+    """The first output of ``path`` run by ONNX Runtime on this CPU."""
+    session = ort_session(path, threads=threads)
+    return session.run(None, _feed(session, inputs))[0]
+
+
+# the saturation emulator is checked against ORT on at most this many inputs (it is numpy, not a kernel)
+EMULATOR_CHECK_ROWS = 128
+
+
+def _saturation_diagnosis(path, inputs, out, ref, lsb, semantic, at_risk, risk) -> tuple[str, float]:
+    """The words of a diagnosis when ORT's int8 kernels saturate here, and the emulator's distance to ORT."""
+    from qatlab import saturation
+
+    rows = min(EMULATOR_CHECK_ROWS, int(inputs[0].shape[0]))
+    emulated, _ = saturation.emulate(path, tuple(t[:rows] for t in inputs))
+    emulated_lsb = float(np.abs(emulated.astype(np.float64) - out[:rows]).max()) / lsb if rows else 0.0
+    risky = risk.loc[risk["at_risk"]]
+    text = (
+        f"ONNX Runtime's int8 kernels on this CPU ({saturation.cpu_int8().description}) are off by "
+        f"{np.abs(out.astype(np.float64) - ref).max() / lsb:.1f} output LSB. Cause: in "
+        f"{len(at_risk)} layer(s), {', '.join(at_risk)}, {int(risky['risky_pairs'].sum())} pairs of neighbouring "
+        f"int8 weight codes times the largest uint8 activation code ({int(risky['x_max_code'].max())}) exceed "
+        f"32767, the int16 limit of those pair sums. The file is right: the ONNX reference evaluator matches "
+        f"PyTorch to {semantic['diff_in_lsb']:.2f} output LSB, and qatlab.saturation.emulate, which saturates "
+        f"those pairs, reproduces ONNX Runtime's output here to {emulated_lsb:.2f} LSB. Fix: "
+        "QuantSpec(..., reduce_range=True) for the weights or the activations (7-bit codes in the int8 "
+        "container; train with it), or deploy on a CPU with VNNI, AMX or ARM64."
+    )
+    return text, emulated_lsb
+
+
 def verify_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -327,49 +400,157 @@ def verify_onnx(
     threads: int = 1,
     layerwise: bool = False,
 ) -> dict[str, Any]:
-    """Run ``path`` in ONNX Runtime on ``inputs`` and compare with the deployed PyTorch model.
+    """Check that ``path`` computes what the deployed PyTorch model computes, two ways, reported apart.
 
-    The reference is ``convert(model)`` (BatchNorm folded, observers frozen), i.e. what was exported.
+    The model side is ``convert(model)`` (BatchNorm folded, observers frozen), i.e. what was exported.
+
+    - **Semantic parity** (``semantic_*``): the file run by the ONNX reference evaluator (numpy; no ONNX
+      Runtime kernel). It proves the export itself is right, and holds on every CPU.
+    - **ONNX Runtime parity** (``passed`` and the unprefixed numbers): ORT on this CPU, with its integer
+      kernels. On x86-64 CPUs with AVX2 but no VNNI those add pairs of u8 x s8 products in int16 with
+      saturation; when that explains ORT's deviation, ``diagnosis`` says so (``qatlab.saturation``).
 
     Returns:
         A dict with ``max_abs_diff``, ``output_lsb`` (the larger of :func:`output_lsb` and
-        :func:`flip_lsb`), ``diff_in_lsb``,
-        ``flip_lsb`` and ``diff_in_flips`` (the stricter unit of :func:`flip_lsb`),
-        ``argmax_agreement`` (for outputs with a class dimension, else NaN; exact ties count as agreement,
-        ``argmax_ties`` says how many), ``passed``
-        (``diff_in_lsb <= tol_lsb`` and agreement ``>= min_agreement``), ``n`` and, with ``layerwise=True``,
-        ``layers``: a pandas DataFrame, one row per quantized layer in execution order, with its max abs
-        diff, so a mismatch can be traced to the layer where it starts.
+        :func:`flip_lsb`), ``diff_in_lsb``, ``flip_lsb`` and ``diff_in_flips`` (the stricter unit of
+        :func:`flip_lsb`), ``argmax_agreement`` (for outputs with a class dimension, else NaN; exact ties count
+        as agreement, ``argmax_ties`` says how many), ``passed`` (``diff_in_lsb <= tol_lsb`` and agreement
+        ``>= min_agreement``), the same for the reference evaluator as ``semantic_max_abs_diff``,
+        ``semantic_diff_in_lsb``, ``semantic_diff_in_flips``, ``semantic_argmax_agreement``,
+        ``semantic_passed``; ``cpu_int8`` (this CPU's int8 kernel class), ``layers_at_risk`` (layers whose
+        weight pairs can overflow int16 on a saturating CPU), ``saturates_here`` (this CPU saturates and that
+        list is not empty), ``diagnosis`` (``None``, or the cause, layers and fix when ORT fails for that
+        reason, with ``emulated_vs_ort_lsb``: how close the saturation emulator comes to ORT's output), ``ok``
+        (semantic parity, and ORT parity or a diagnosis), ``n`` and, with ``layerwise=True``, ``layers``: a
+        pandas DataFrame, one row per quantized layer in execution order, with its max abs diff (ORT without
+        fusions), so a mismatch can be traced to the layer where it starts.
+
+    Example:
+        >>> report = verify_onnx(qat_model, "build/onnx/cnn.onnx", x_test)  # doctest: +SKIP
+        >>> report["semantic_passed"], report["passed"], report["diagnosis"]  # doctest: +SKIP
+        (True, True, None)
     """
+    from qatlab import saturation
+
     inputs = _as_tuple(inputs)
     deployed = convert(model)
     device = next((p.device for p in deployed.parameters()), torch.device("cpu"))
     with torch.no_grad():
         ref, flip = flip_lsb(deployed, tuple(t.to(device) for t in inputs))
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
-    session = ort_session(path, threads=threads)
-    out = session.run(None, _feed(session, inputs))[0]
-    diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+    out = ort_outputs(path, inputs, threads=threads)
     # One output LSB: the 8-bit resolution of the output, or one input-code flip of the last layer when
     # that is coarser (low-bit grids): a tie broken the other way must not count as a mismatch.
     lsb = max(output_lsb(ref), flip)
-    agreement, ties = _argmax_agreement(ref, out)
-    result = {
-        "max_abs_diff": diff,
-        "output_lsb": lsb,
-        "diff_in_lsb": diff / lsb,
-        "flip_lsb": flip,
-        "diff_in_flips": diff / flip,
-        "argmax_agreement": agreement,
-        "argmax_ties": ties,
-        "n": int(inputs[0].shape[0]),
-    }
-    result["passed"] = bool(
-        result["diff_in_lsb"] <= tol_lsb and (np.isnan(agreement) or agreement >= min_agreement)
+    result = {"output_lsb": lsb, "flip_lsb": flip, "n": int(inputs[0].shape[0])}
+    result.update(_parity(ref, out, lsb, flip, tol_lsb, min_agreement))
+    arrays = [t.detach().cpu().numpy() for t in inputs]
+    semantic = _parity(ref, saturation.run_reference(path, arrays)[0], lsb, flip, tol_lsb, min_agreement)
+    result.update({f"semantic_{k}": v for k, v in semantic.items() if k != "argmax_ties"})
+    risk = saturation.layers_at_risk(path)
+    at_risk = list(risk.loc[risk["at_risk"], "layer"])
+    cpu = saturation.cpu_int8()
+    result.update(
+        cpu_int8=cpu.kind,
+        layers_at_risk=at_risk,
+        saturates_here=cpu.saturates and bool(at_risk),
+        diagnosis=None,
     )
+    if not result["passed"] and result["saturates_here"]:
+        result["diagnosis"], result["emulated_vs_ort_lsb"] = _saturation_diagnosis(
+            path, inputs, out, ref, lsb, semantic, at_risk, risk
+        )
+    result["ok"] = bool(semantic["passed"] and (result["passed"] or result["diagnosis"] is not None))
     if layerwise:
         result["layers"] = compare_layers(deployed, path, inputs, threads=threads)
     return result
+
+
+def export_and_check(
+    model: nn.Module,
+    name: str,
+    inputs: Tensor | tuple[Tensor, ...],
+    example: Tensor | tuple[Tensor, ...] | None = None,
+    export_kwargs: dict[str, Any] | None = None,
+    **verify_kwargs: Any,
+) -> dict[str, Any]:
+    """Export ``model`` to ``build/onnx/<name>.onnx`` and verify it on ``inputs``: the end of every notebook.
+
+    ``example`` (default: the first of ``inputs``) is what the exporter traces; ``export_kwargs`` go to
+    :func:`export_onnx` (e.g. ``dynamic_dims``), the rest to :func:`verify_onnx`. Prints one line per parity and
+    returns :func:`verify_onnx`'s report with ``path`` added; ``report["ok"]`` is what a notebook asserts:
+    the reference evaluator matches the model, and ONNX Runtime on this CPU does too or deviates only for the
+    diagnosed cause.
+
+    Example:
+        >>> report = export_and_check(qat_model, "04_qat_w4a4", x_test)  # doctest: +SKIP
+        >>> assert report["ok"], report["diagnosis"]  # doctest: +SKIP
+    """
+    from qatlab.config import build_dir
+
+    folder = build_dir() / "onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = _as_tuple(inputs)
+    example = tuple(t[:1] for t in inputs) if example is None else example
+    path = export_onnx(model, folder / f"{name}.onnx", example, **(export_kwargs or {}))
+    report = {"path": path, **verify_onnx(model, path, inputs, **verify_kwargs)}
+    print(describe_parity(report))
+    return report
+
+
+def describe_parity(report: dict[str, Any]) -> str:
+    """The two parities of a :func:`verify_onnx` report in a few lines a person reads."""
+    agree = report["semantic_argmax_agreement"]
+    lines = [
+        f"reference evaluator vs PyTorch: {report['semantic_diff_in_lsb']:.2f} output LSB"
+        + (f", argmax agreement {agree:.4f}" if not np.isnan(agree) else "")
+        + (" (ok)" if report["semantic_passed"] else " (FAILED: the export itself is wrong)"),
+        f"ONNX Runtime on this CPU ({report['cpu_int8']}) vs PyTorch: {report['diff_in_lsb']:.2f} output LSB"
+        + (
+            f", argmax agreement {report['argmax_agreement']:.4f}"
+            if not np.isnan(report["argmax_agreement"])
+            else ""
+        )
+        + (" (ok)" if report["passed"] else " (differs)"),
+    ]
+    at_risk = report["layers_at_risk"]
+    if at_risk:
+        named = ", ".join(at_risk[:4]) + (f" and {len(at_risk) - 4} more" if len(at_risk) > 4 else "")
+        lines.append(
+            f"{len(at_risk)} layer(s) whose int8 weight pairs can saturate on x86-64 CPUs with AVX2 but no VNNI: {named}"
+        )
+    if report["diagnosis"]:
+        lines.append("diagnosis: " + report["diagnosis"])
+    return "\n".join(lines)
+
+
+def parity_table(outputs: dict[str, np.ndarray], labels: Tensor | np.ndarray | None = None):
+    """Several runs of the same inputs, each against the first (the PyTorch model): one row per run with its
+    max abs diff, the same in output LSBs (:func:`output_lsb` of the first), its argmax agreement with the first
+    and, given ``labels``, its accuracy.
+
+    Example:
+        >>> outputs = {"PyTorch": ref, "reference": run_reference(path, [x])[0]}  # doctest: +SKIP
+        >>> parity_table(outputs, y)  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    ref = next(iter(outputs.values()))
+    lsb = output_lsb(ref)
+    labels = None if labels is None else np.asarray(labels)
+    rows = []
+    for name, out in outputs.items():
+        diff = float(np.abs(out.astype(np.float64) - ref).max())
+        row = {
+            "run": name,
+            "max_abs_diff": diff,
+            "diff_in_lsb": diff / lsb,
+            "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+        }
+        if labels is not None:
+            row["accuracy"] = float((out.argmax(-1) == labels).mean())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
 
 
 def compare_layers(

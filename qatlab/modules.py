@@ -223,6 +223,9 @@ class QuantConvBn2d(QuantConv2d):
         self.bn = bn.__class__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         self.bn.load_state_dict(bn.state_dict())
         self.bn_frozen = False
+        # set by prepare.reestimate_bn: the variance the weight is folded with in train mode while BN's statistics
+        # are recomputed (eval mode always folds with the running statistics, weight and bias alike)
+        self.fold_var: Tensor | None = None
 
     def _bn_train(self) -> bool:
         return self.training and not self.bn_frozen
@@ -239,10 +242,13 @@ class QuantConvBn2d(QuantConv2d):
             y = self._conv(x, self._qw(self.weight), self.bias)
             return self._act(self._batch_norm(y, self._bn_train()))
         bn = self.bn
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        factor = gamma / torch.sqrt(bn.running_var + bn.eps)  # gamma / sigma, (C,)
+        train = self._bn_train()
+        # while BN statistics are re-estimated (train mode only) the weight stays folded with fold_var
+        var = self.fold_var if train and self.fold_var is not None else bn.running_var
+        gamma = bn.weight if bn.affine else torch.ones_like(var)
+        factor = gamma / torch.sqrt(var + bn.eps)  # gamma / sigma, (C,)
         w_q = self._qw(self.weight * factor.reshape(-1, 1, 1, 1))  # the quantized folded weight
-        if self._bn_train():
+        if train:
             # Undo the running-sigma scaling and normalise with batch statistics: the net effect is the
             # sigma / sigma_B correction, and BN's running statistics keep updating. The scaling is undone on
             # the weight (conv is linear per output channel), not on the much larger output.

@@ -313,6 +313,32 @@ def quant_histogram(
     return fig
 
 
+def pair_sums(tables: dict[str, pd.DataFrame], title: str = "") -> Figure:
+    """One panel per exported file: histogram, per layer, of how far each pair of neighbouring weight codes can
+    take an int16 pair sum (``saturation.pair_sums``: ``reach``, in units of 32767). The red line is int16's
+    limit: pairs beyond it saturate on x86-64 CPUs with AVX2 but no VNNI."""
+    fig, axes = _new(1, len(tables), size=(5.0, 3.2), sharey=True)
+    top = max([float(t["reach"].max()) for t in tables.values() if len(t)] + [1.0])
+    bins = np.linspace(0.0, top * 1.02, 60)
+    for ax, (label, table) in zip(axes[0], tables.items(), strict=True):
+        for layer, part in table.groupby("layer", sort=False):
+            over = int((part["reach"] > 1.0).sum())
+            ax.hist(part["reach"], bins=bins, histtype="step", lw=1.4, label=f"{layer} ({over} over)")
+        ax.axvline(1.0, color="C3", lw=1.5)
+        ax.text(
+            1.0, 0.98, " int16 limit", color="C3", transform=ax.get_xaxis_transform(), va="top", fontsize=8
+        )
+        ax.set_yscale("log")
+        ax.set_xlabel("largest pair sum / 32767")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("weight pairs (log)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
 def grouped_bars(
     df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", ylabel: str | None = None
 ) -> Figure:

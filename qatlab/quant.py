@@ -427,7 +427,8 @@ def fake_quant(
 
     Args:
         x: float tensor.
-        scale: float32 (1,) per tensor or (C,) per channel; give it ``requires_grad`` to learn it (lsq/pact).
+        scale: float32 (1,) per tensor or (C,) per channel, every value > 0 (else ``ValueError``); give it
+            ``requires_grad`` to learn it (lsq/pact).
         zero_point: int32, same shape as ``scale``, inside ``[spec.qmin, spec.qmax]``.
         spec: bits, granularity, channel axis and STE.
         grad_factor: multiplier of the scale gradient (lsq/pact); ``None`` uses the default above.
@@ -452,8 +453,15 @@ def fake_quant(
             f"scale has {scale.numel()} and zero_point {zero_point.numel()} elements, expected {expected} "
             f"({'one per channel along ch_axis' if axis >= 0 else 'one per tensor'})"
         )
-    if not torch.compiler.is_compiling() and x.numel() == 0:
-        return x.clone()
+    if not torch.compiler.is_compiling():
+        if not bool(((scale > 0) & torch.isfinite(scale)).all()):  # NaN fails both tests
+            raise ValueError(
+                f"scale must be positive and finite, got {scale.detach().flatten()[:4].tolist()}: a scale of 0 or "
+                "below maps every value to the zero point (or divides by zero); compute it with "
+                "qatlab.qparams(min_val, max_val, spec), which never returns one"
+            )
+        if x.numel() == 0:
+            return x.clone()
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x, spec) if spec.ste == "lsq" else 1.0
     if axis >= 0:

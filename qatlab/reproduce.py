@@ -6,9 +6,11 @@ small-scale experiment (a grid of :func:`run` configs) and a rule that turns our
 sweep (finished runs are cached under ``build/reproduce/runs`` and never redone), :func:`findings_table`
 judges them and :func:`write_findings` writes the markdown table.
 
-Our scale: the lab CNN (or the depthwise-separable CNN) trained once in float on Fashion-MNIST (``zoo``),
-then quantized; seeds change the calibration batches and the QAT batch order, not the float model. A
-difference counts only when it exceeds ``max(0.5 points, 2 x the larger seed std)`` (:func:`margin`).
+Our scale: the lab CNN (or the depthwise-separable CNN) trained in float on Fashion-MNIST (``zoo``), then
+quantized. A seed is a whole replicate: its own float model (trained once with that seed and cached, as a float
+model trained on another CPU differs), its own calibration batches and QAT batch order. Two arms of a finding share
+each seed, so they are compared seed by seed: a difference counts only when the mean of the per-seed differences
+exceeds ``max(0.5 points, 2 x their std)`` (:func:`margin` of the paired differences).
 
 Example:
     >>> from qatlab import reproduce
@@ -51,18 +53,21 @@ DEFAULTS: dict[str, Any] = {
     "evals": 1,  # test evaluations spread over the QAT steps (acc_first is the first)
     "bn_reestimate": False,  # also report accuracy after BN re-estimation (bnre_acc)
     "record": False,  # record weight oscillations (qatlab.dynamics) during QAT
+    "float_seed": "run",  # the float model's seed: "run" (the run's own seed) or an int (one float model for all)
 }
 _MODELS = ("cnn", "dwcnn")
 FAST_STEPS = 10  # QAT steps of every QAT run in fast mode
-_FLOAT: dict[str, tuple] = {}  # per process: model name -> (float model, loaders, info)
+_FLOAT: dict[tuple[str, int], tuple] = {}  # per process: (model name, seed) -> (float model, loaders, info)
 
 
-def _float_model(name: str):
+def float_model(name: str, seed: int = 0):
+    """The zoo's float ``name`` trained with ``seed`` (cached on disk and in this process): ``zoo.trained_cnn``'s
+    ``(model, (train, test), info)``."""
     from qatlab import zoo
 
-    if name not in _FLOAT:
-        _FLOAT[name] = zoo.trained_cnn(name, progress=False)
-    return _FLOAT[name]
+    if (name, seed) not in _FLOAT:
+        _FLOAT[(name, seed)] = zoo.trained_cnn(name, seed=seed, progress=False)
+    return _FLOAT[(name, seed)]
 
 
 def _check_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +87,10 @@ def _check_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("steps=0 (PTQ only) needs init='calibrated'")
     if c["steps"] and c["steps"] % c["evals"]:
         raise ValueError(f"steps={c['steps']} must be a multiple of evals={c['evals']}")
+    if c["float_seed"] != "run" and (
+        isinstance(c["float_seed"], bool) or not isinstance(c["float_seed"], int)
+    ):
+        raise ValueError(f"float_seed={c['float_seed']!r}: use 'run' (the run's seed) or an int")
     return c
 
 
@@ -121,7 +130,9 @@ def _run_model(config: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
     from qatlab.train import evaluate
 
     c = _check_config(config)
-    model, (train, test), info = _float_model(c["model"])
+    model, (train, test), info = float_model(
+        c["model"], seed if c["float_seed"] == "run" else c["float_seed"]
+    )
     cfg = QATConfig(
         weight=QuantSpec(bits=c["w_bits"], symmetric=True, per_channel=c["per_channel"],
                          observer=c["w_observer"], ste=c["w_ste"]),
@@ -182,20 +193,28 @@ def _run_model(config: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
 
 
 def margin(*stds: float) -> float:
-    """The smallest difference (accuracy, 0..1) we call real: max(0.5 points, 2 x the larger seed std)."""
+    """The smallest difference (accuracy, 0..1) we call real: max(0.5 points, 2 x the larger std given)."""
     s = max((x for x in stds if isinstance(x, float) and math.isfinite(x)), default=0.0)
     return max(0.005, 2.0 * s)
 
 
-def _stat(df: pd.DataFrame, metric: str, **where: Any) -> tuple[float, float]:
-    """Mean and std over seeds of ``metric`` in the rows matching ``where`` (column == value)."""
+def _per_seed(df: pd.DataFrame, metric: str, fill: float | None = None, **where: Any) -> pd.Series:
+    """``metric`` by seed in the rows matching ``where`` (column == value); NaN filled with ``fill`` if given."""
     part = df
     for k, v in where.items():
         part = part[part[k] == v]
-    values = part[metric].astype(float)
-    if values.empty:
+    if part.empty:
         raise KeyError(f"no runs with {where} in the table")
-    return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
+    values = part.groupby("seed")[metric].mean().astype(float)
+    return values.fillna(fill) if fill is not None else values
+
+
+def _paired(a: pd.Series, b: pd.Series | float) -> tuple[float, float]:
+    """``a - b`` seed by seed (the same float model and data order): the mean and its :func:`margin`."""
+    d = (a - b).dropna()
+    if d.empty:
+        raise KeyError("the two arms share no seed")
+    return float(d.mean()), margin(float(d.std(ddof=0)) if len(d) > 1 else 0.0)
 
 
 def _pts(x: float) -> str:
@@ -233,7 +252,7 @@ class Finding:
     fast: dict[str, list[Any]]
     judge: Judge
     arms: ArmFn
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -246,23 +265,22 @@ def _arm(row: pd.Series, label: str, metric: str) -> list[tuple[str, float]]:
 
 
 def _judge_cliff(df: pd.DataFrame) -> tuple[str, str]:
-    fp = float(df["float_acc"].iloc[0])
+    fp = float(df["float_acc"].mean())
     bits = sorted(df["bits"].unique(), reverse=True)
-    parts, text = [], [f"FP32 {_pct(fp)}"]
-    ok8 = low_drop = None
-    recovered = []
+    text, ok8, low_drop, recovered = [f"FP32 {_pct(fp)}"], None, 0.0, []
     for b in bits:
-        p, ps = _stat(df, "ptq_acc", bits=b)
-        q, qs = _stat(df, "qat_acc", bits=b)
-        share = (q - p) / (fp - p) if fp - p > margin(ps, qs) else float("nan")
-        text.append(f"W{b}A{b}: PTQ {_pts(p - fp)}, QAT {_pts(q - fp)}" + ("" if math.isnan(share) else
+        f, p, q = (_per_seed(df, m, bits=b) for m in ("float_acc", "ptq_acc", "qat_acc"))
+        loss, loss_margin = _paired(f, p)  # what PTQ costs, each seed against its own float model
+        gain, _ = _paired(q, p)
+        share = gain / loss if loss > loss_margin else float("nan")
+        text.append(f"W{b}A{b}: PTQ {_pts(-loss)}, QAT {_pts(_paired(q, f)[0])}" + ("" if math.isnan(share) else
                     f" ({100 * share:.0f}% of the PTQ loss recovered)"))  # fmt: skip
         if b >= 8:
-            ok8 = fp - p <= margin(ps)
+            ok8 = loss <= loss_margin
         elif b <= 4:
-            low_drop = max(low_drop or 0.0, fp - p)
-            recovered.append(share >= 0.5 if not math.isnan(share) else q >= p)
-    parts = [bool(ok8), (low_drop or 0.0) >= 0.02, bool(recovered) and all(recovered)]
+            low_drop = max(low_drop, loss)
+            recovered.append(share >= 0.5 if not math.isnan(share) else gain >= 0)
+    parts = [bool(ok8), low_drop >= 0.02, bool(recovered) and all(recovered)]
     return "; ".join(text) + " (points vs FP32)", _verdict(parts)
 
 
@@ -276,15 +294,17 @@ def _arms_cliff(row):
 def _judge_channel(df: pd.DataFrame) -> tuple[str, str]:
     text, folded_wins, fold_amplifies = [], [], []
     for model in df["model"].unique():
-        gaps = {}
-        for bn in ("keep", "fold"):
-            pc, pcs = _stat(df, "ptq_acc", model=model, bn_mode=bn, per_channel=True)
-            pt, pts = _stat(df, "ptq_acc", model=model, bn_mode=bn, per_channel=False)
-            gaps[bn] = (pc - pt, margin(pcs, pts))
-        text.append(f"{model}: per-channel minus per-tensor {_pts(gaps['fold'][0])} points after folding, "
-                    f"{_pts(gaps['keep'][0])} before")  # fmt: skip
-        folded_wins.append(gaps["fold"][0] > gaps["fold"][1])
-        fold_amplifies.append(gaps["fold"][0] - gaps["keep"][0] > max(gaps["fold"][1], gaps["keep"][1]))
+        gap = {
+            bn: _per_seed(df, "ptq_acc", model=model, bn_mode=bn, per_channel=True)
+            - _per_seed(df, "ptq_acc", model=model, bn_mode=bn, per_channel=False)
+            for bn in ("keep", "fold")
+        }  # per seed: per-channel minus per-tensor
+        fold, fold_margin = _paired(gap["fold"], 0.0)
+        amplified, amp_margin = _paired(gap["fold"], gap["keep"])
+        text.append(f"{model}: per-channel minus per-tensor {_pts(fold)} points after folding, "
+                    f"{_pts(float(gap['keep'].mean()))} before")  # fmt: skip
+        folded_wins.append(fold > fold_margin)
+        fold_amplifies.append(amplified > amp_margin)
     return "; ".join(text), _verdict([all(folded_wins), any(fold_amplifies)])
 
 
@@ -299,11 +319,10 @@ def _arms_channel(row):
 def _judge_range(df: pd.DataFrame) -> tuple[str, str]:
     text, parts = [], []
     for b in sorted(df["bits"].unique(), reverse=True):
-        stats = {o: _stat(df, "ptq_acc", bits=b, observer=o) for o in df["observer"].unique()}
-        means = {o: m for o, (m, _) in stats.items()}
-        spread = max(means.values()) - min(means.values())
-        best = max(means, key=means.get)
-        thr = margin(*(s for _, s in stats.values()))
+        acc = {o: _per_seed(df, "ptq_acc", bits=b, observer=o) for o in df["observer"].unique()}
+        best = max(acc, key=lambda o: acc[o].mean())
+        worst = min(acc, key=lambda o: acc[o].mean())
+        spread, thr = _paired(acc[best], acc[worst])
         text.append(f"W{b}A{b}: spread {100 * spread:.2f} points, best {best}")
         parts.append(spread <= thr if b >= 8 else spread > max(thr, 0.01))
     return "; ".join(text), _verdict(parts)
@@ -320,11 +339,13 @@ def _judge_pact(df: pd.DataFrame) -> tuple[str, str]:
     text, helps = [], []
     ratio = float(df.loc[df["a_ste"] == "pact", "alpha_ratio"].mean())
     for b in sorted(df["a_bits"].unique()):
-        p, ps = _stat(df, "qat_acc", a_bits=b, a_ste="pact")
-        e, es = _stat(df, "qat_acc", a_bits=b, a_ste="clipped")
-        text.append(f"A{b}: PACT minus EMA ranges {_pts(p - e)} points")
+        d, m = _paired(
+            _per_seed(df, "qat_acc", a_bits=b, a_ste="pact"),
+            _per_seed(df, "qat_acc", a_bits=b, a_ste="clipped"),
+        )
+        text.append(f"A{b}: PACT minus EMA ranges {_pts(d)} points (margin {100 * m:.2f})")
         if b <= 3:
-            helps.append(p - e > margin(ps, es))
+            helps.append(d > m)
     text.append(f"alpha end/start {ratio:.2f}")
     return "; ".join(text), _verdict([ratio < 1.0, any(helps)])
 
@@ -339,11 +360,12 @@ def _arms_pact(row):
 def _judge_ste(df: pd.DataFrame) -> tuple[str, str]:
     text, parts = [], []
     for b in sorted(df["a_bits"].unique()):
-        cl, cls_ = _stat(df, "qat_acc", a_bits=b, a_ste="clipped")
-        idn, ids = _stat(df, "qat_acc", a_bits=b, a_ste="identity")
-        text.append(f"A{b}: clipped {_pct(cl)} vs identity {_pct(idn)} ({_pts(cl - idn)} points)")
+        cl, idn = (_per_seed(df, "qat_acc", a_bits=b, a_ste=ste) for ste in ("clipped", "identity"))
+        d, m = _paired(cl, idn)
+        text.append(f"A{b}: clipped {_pct(cl.mean())} vs identity {_pct(idn.mean())} ({_pts(d)} points, margin "
+                    f"{100 * m:.2f})")  # fmt: skip
         if b <= 2:
-            parts.append(cl - idn > margin(cls_, ids))
+            parts.append(d > m)
     return "; ".join(text), _verdict(parts or [False])
 
 
@@ -357,17 +379,16 @@ def _arms_ste(row):
 def _judge_lsq(df: pd.DataFrame) -> tuple[str, str]:
     text, parts = [], []
     for (b, lr), part in df.groupby(["bits", "lr"], sort=True):
-        acc = {}
-        for g in (True, False):
-            arm = part[part["lsq_grad_scale"] == g]
-            vals = arm["qat_acc"].fillna(0.1)  # a diverged run counts at chance level (10 classes)
-            acc[g] = (float(vals.mean()), float(vals.std(ddof=0)) if len(vals) > 1 else 0.0,
-                      int(arm["diverged"].sum()), len(arm))  # fmt: skip
-        note = f" ({acc[False][2]} of {acc[False][3]} diverged)" if acc[False][2] else ""
+        # a diverged run counts at chance level (10 classes)
+        acc = {g: _per_seed(part, "qat_acc", fill=0.1, lsq_grad_scale=g) for g in (True, False)}
+        unscaled = part[~part["lsq_grad_scale"].astype(bool)]
+        diverged = int(unscaled["diverged"].sum())
+        note = f" ({diverged} of {len(unscaled)} diverged)" if diverged else ""
         text.append(
-            f"W{b}A{b} lr {lr:g}: scaled {_pct(acc[True][0])} vs unscaled {_pct(acc[False][0])}{note}"
+            f"W{b}A{b} lr {lr:g}: scaled {_pct(acc[True].mean())} vs unscaled {_pct(acc[False].mean())}{note}"
         )
-        parts.append(acc[True][0] - acc[False][0] > margin(acc[True][1], acc[False][1]))
+        d, m = _paired(acc[True], acc[False])
+        parts.append(d > m)
     return "; ".join(text), _verdict([any(parts)])
 
 
@@ -382,15 +403,13 @@ def _arms_lsq(row):
 def _judge_bnre(df: pd.DataFrame) -> tuple[str, str]:
     text, gains = [], []
     for b in sorted(df["w_bits"].unique()):
-        part = df[df["w_bits"] == b]
-        diff = (part["bnre_acc"] - part["qat_acc"]).astype(float)  # paired: the same model before and after
-        d, ds = float(diff.mean()), float(diff.std(ddof=0)) if len(diff) > 1 else 0.0
-        q, r = float(part["qat_acc"].mean()), float(part["bnre_acc"].mean())
-        osc = float(part["oscillating"].mean())
-        per_seed = ", ".join(f"{100 * x:+.1f}" for x in diff)
+        r, q = _per_seed(df, "bnre_acc", w_bits=b), _per_seed(df, "qat_acc", w_bits=b)
+        d, m = _paired(r, q)  # the same model before and after
+        osc = float(df.loc[df["w_bits"] == b, "oscillating"].mean())
+        per_seed = ", ".join(f"{100 * x:+.1f}" for x in (r - q))
         text.append(f"W{b}: {100 * osc:.1f}% of weights oscillate; BN re-estimation {_pts(d)} points "
-                    f"({_pct(q)} -> {_pct(r)}; per seed {per_seed})")  # fmt: skip
-        gains.append(d > margin(ds))
+                    f"({_pct(q.mean())} -> {_pct(r.mean())}; per seed {per_seed})")  # fmt: skip
+        gains.append(d > m)
     osc_any = float(df["oscillating"].mean()) > 0.001
     return "; ".join(text), _verdict([osc_any, any(gains)])
 
@@ -405,10 +424,12 @@ def _arms_bnre(row):
 def _judge_fold(df: pd.DataFrame) -> tuple[str, str]:
     text, parts = [], []
     for b in sorted(df["bits"].unique(), reverse=True):
-        s, ss = _stat(df, "qat_acc", bits=b, bn_mode="simulate")
-        f, fs = _stat(df, "qat_acc", bits=b, bn_mode="fold")
-        text.append(f"W{b}A{b}: static fold {_pct(f)} vs simulated {_pct(s)} ({_pts(f - s)} points)")
-        parts.append(f >= s - margin(ss, fs))  # "about as good": not worse by more than the margin
+        f, sim = (_per_seed(df, "qat_acc", bits=b, bn_mode=mode) for mode in ("fold", "simulate"))
+        d, m = _paired(f, sim)
+        text.append(
+            f"W{b}A{b}: static fold {_pct(f.mean())} vs simulated {_pct(sim.mean())} ({_pts(d)} points)"
+        )
+        parts.append(d >= -m)  # "about as good": not worse by more than the margin
     return "; ".join(text), _verdict(parts)
 
 
@@ -424,10 +445,9 @@ def _judge_init(df: pd.DataFrame) -> tuple[str, str]:
     gaps, text = {}, []
     for metric, label in (("ptq_acc", "at the start"), ("acc_first", f"after {first} steps"),
                           ("qat_acc", f"after {int(df['steps'].iloc[0])}")):  # fmt: skip
-        m, ms = _stat(df, metric, observer="mse")
-        x, xs = _stat(df, metric, observer="minmax")
-        gaps[metric] = (m - x, margin(ms, xs))
-        text.append(f"{label}: MSE {_pct(m)} vs min-max {_pct(x)} ({_pts(m - x)})")
+        mse, mm = _per_seed(df, metric, observer="mse"), _per_seed(df, metric, observer="minmax")
+        gaps[metric] = _paired(mse, mm)
+        text.append(f"{label}: MSE {_pct(mse.mean())} vs min-max {_pct(mm.mean())} ({_pts(gaps[metric][0])})")
     start, end = gaps["ptq_acc"], gaps["qat_acc"]
     return "; ".join(text), _verdict([start[0] > start[1], abs(end[0]) <= end[1]])
 
@@ -615,7 +635,11 @@ def grids(
     fast_mode = fast() if fast_mode is None else fast_mode
     out = []
     for f in findings:
-        g = {"finding": [f.key], **f.grid}
+        g = {
+            "finding": [f.key],
+            **f.grid,
+            "float_seed": ["run"],
+        }  # the float model in the seed: a new run key
         if fast_mode:
             g.update({} if g.get("steps") == [0] else {"steps": [FAST_STEPS]}, **f.fast)
         out.append(g)
@@ -645,14 +669,15 @@ def reproduce(
     is_fast = fast()
     out = Path(out_dir) if out_dir is not None else default_out()
     tables = []
-    # The float models are trained (or loaded) here first, so that pool workers only load checkpoints.
-    models = {cfg.get("model", [DEFAULTS["model"]])[0] for cfg in grids(findings)} | {DEFAULTS["model"]}
-    for name in sorted(models):
-        _float_model(name)
     by_seeds: dict[tuple[int, ...], list[Finding]] = {}
     for f in findings:
         s = tuple(seeds) if seeds is not None else ((f.seeds[0],) if is_fast else f.seeds)
         by_seeds.setdefault(s, []).append(f)
+    # The float models are trained (or loaded) here first, so that pool workers only load checkpoints.
+    for s, group in by_seeds.items():
+        models = {name for g in grids(group) for name in g.get("model", [DEFAULTS["model"]])}
+        for name, seed in sorted({(m, seed) for m in models for seed in s}):
+            float_model(name, seed)
     for s, group in by_seeds.items():
         tables.append(ablate(grids(group), run, out, seeds=s, workers=1 if is_fast else workers,
                              progress=progress))  # fmt: skip
@@ -660,6 +685,11 @@ def reproduce(
     # only the runs of the grids asked for (the folder may hold runs of older grids or other seeds)
     current = {run_key(c, s) for s, group in by_seeds.items() for c, s in grid_runs(grids(group), s)}
     return table[table["key"].isin(current)].reset_index(drop=True)
+
+
+def finding_rows(table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The runs of finding ``key`` in a :func:`reproduce` table, run defaults filled in: what its judge reads."""
+    return _rows(table, finding(key))
 
 
 def _rows(table: pd.DataFrame, f: Finding) -> pd.DataFrame:
@@ -737,9 +767,28 @@ def to_markdown(findings: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_findings(findings: pd.DataFrame, path: str | os.PathLike | None = None, title: str = "") -> Path:
-    """Write the markdown table (atomically) to ``path`` (default ``<sweep folder>/findings.md``)."""
+def write_findings(
+    findings: pd.DataFrame, path: str | os.PathLike | None = None, title: str = "", note: str = ""
+) -> Path:
+    """Write the markdown table (atomically) to ``path`` (default ``<sweep folder>/findings.md``), after a
+    ``title`` and a ``note`` (say where and how it was measured: the numbers differ between CPUs)."""
     path = Path(path) if path is not None else default_out() / "findings.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = f"# {title}\n\n" if title else ""
+    head = (f"# {title}\n\n" if title else "") + (f"{note}\n\n" if note else "")
     return write_atomic(path, head + to_markdown(findings))
+
+
+def machine_note(table: pd.DataFrame) -> str:
+    """Where the sweep ran and with how many replicates: the line that goes above a findings table."""
+    import datetime
+    import platform
+
+    from qatlab.saturation import cpu_int8
+
+    seeds = sorted(int(s) for s in table["seed"].unique()) if len(table) else []
+    return (
+        f"Generated by notebook 09 on {datetime.date.today().isoformat()}: {platform.machine()} CPU, int8 class "
+        f"`{cpu_int8().kind}`; seeds {seeds}, each with its own float model. Float training differs between "
+        "CPUs, so another machine gives other numbers; verdicts use paired per-seed differences and a margin of "
+        "max(0.5 points, 2 x their std)."
+    )

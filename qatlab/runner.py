@@ -6,6 +6,10 @@ checkpoints a notebook writes land there, and saves the executed notebook and an
 ``BUILD_DIR/notebooks/``.
 ``BUILD_DIR/summary.md`` and ``summary.csv`` list each notebook's status and wall time. Files are written
 atomically (temporary file, then rename): an interrupted run never leaves a half-written notebook.
+
+The saved copies are read without a kernel (the HTML offline, the .ipynb in viewers without widget support), where
+an explorer would show as ``VBox(...)``: :func:`static_widget_fallback` gives each explorer's output the text
+it printed and its figure as plain text and PNG, and the HTML copy shows those.
 """
 
 from __future__ import annotations
@@ -38,6 +42,46 @@ def _describe(exc: Exception) -> str:
     return f"{what} at {where}"[:400] if where else what[:400]
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _widget_outputs(state: dict, model_id: str, seen: set) -> list[dict]:
+    """The outputs the Output widgets inside ``model_id`` (depth first, children in order) held when saved."""
+    if model_id in seen or model_id not in state:
+        return []
+    seen.add(model_id)
+    model = state[model_id]["state"]
+    found = list(model.get("outputs", [])) if state[model_id].get("model_name") == "OutputModel" else []
+    for child in model.get("children", []):
+        if isinstance(child, str) and child.startswith("IPY_MODEL_"):
+            found += _widget_outputs(state, child[len("IPY_MODEL_") :], seen)
+    return found
+
+
+def static_widget_fallback(nb) -> int:
+    """Give each widget output of ``nb`` a static copy of what it showed: ``text/plain`` becomes the text its
+    Output widgets printed (an explorer's caption line) and ``image/png`` their first image. A live JupyterLab
+    still renders the widget (its MIME type ranks first); the HTML copy and kernel-less viewers show the copy.
+    Returns how many outputs got one (widgets that printed nothing keep their repr)."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    done = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if not view:
+                continue
+            held = _widget_outputs(state, view.get("model_id", ""), set())
+            text = "".join(o.get("text", "") for o in held if o.get("output_type") == "stream").strip()
+            pngs = [o["data"]["image/png"] for o in held if "image/png" in o.get("data", {})]
+            if text or pngs:
+                out["data"]["text/plain"] = text or "(figure)"
+                if pngs:
+                    out["data"]["image/png"] = pngs[0]
+                done += 1
+    return done
+
+
 def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = False) -> NotebookResult:
     """Execute one notebook; the executed copy goes to ``build_dir/notebooks/`` even when a cell fails."""
     import nbformat
@@ -62,11 +106,17 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     except Exception as exc:  # kernel died, timeout: report it, keep going with the next notebook
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
     seconds = time.perf_counter() - start
+    static_widget_fallback(nb)
     write_atomic(out_dir / src.name, nbformat.writes(nb))
-    try:  # an HTML copy for reading without Jupyter
+    try:  # an HTML copy for reading without Jupyter: static figures, no widget JavaScript from a CDN
         from nbconvert import HTMLExporter
+        from traitlets.config import Config
 
-        html, _ = HTMLExporter().from_notebook_node(nb)
+        priority = HTMLExporter().default_config.NbConvertBase.display_data_priority
+        config = Config(
+            {"NbConvertBase": {"display_data_priority": [t for t in priority if t != WIDGET_VIEW]}}
+        )
+        html, _ = HTMLExporter(config=config).from_notebook_node(nb)
         write_atomic(out_dir / (src.stem + ".html"), html)
     except Exception as exc:  # nbconvert missing or a template problem: the .ipynb is still there
         print(f"  (no HTML for {src.name}: {type(exc).__name__}: {exc})")

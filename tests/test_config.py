@@ -34,6 +34,8 @@ from qatlab.config import QATConfig, QuantSpec, fast
         ({"ch_axis": False}, TypeError, r"ch_axis=False must be an int"),
         ({"symmetric": 1}, TypeError, r"symmetric=1 must be a bool"),
         ({"per_channel": "yes"}, TypeError, r"per_channel='yes' must be a bool"),
+        ({"reduce_range": 1}, TypeError, r"reduce_range=1 must be a bool"),
+        ({"reduce_range": True, "bits": 2}, ValueError, r"reduce_range=True with bits=2 .*use bits >= 3"),
     ],
 )
 def test_quant_spec_rejects_bad_input(kwargs: dict, error: type, match: str) -> None:
@@ -63,6 +65,26 @@ def test_grid_ends(bits: int, symmetric: bool, narrow_range: bool, qmin: int, qm
     assert spec.signed is symmetric
     # the grid has 2**bits codes, one fewer on a narrow grid
     assert spec.qmax - spec.qmin + 1 == 2**bits - (1 if narrow_range else 0)
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "narrow_range", "qmin", "qmax"),
+    [
+        (8, True, False, -64, 63),  # torch.ao / ORT reduce_range: int8 weights in [-64, 63]
+        (8, False, False, 0, 127),  # uint8 activations in [0, 127]
+        (8, True, True, -63, 63),
+        (4, True, False, -4, 3),
+        (3, False, False, 0, 3),
+    ],
+)
+def test_reduce_range_grid_ends(bits: int, symmetric: bool, narrow_range: bool, qmin: int, qmax: int) -> None:
+    spec = QuantSpec(bits=bits, symmetric=symmetric, narrow_range=narrow_range, reduce_range=True)
+    assert (spec.qmin, spec.qmax) == (qmin, qmax) and spec.range_bits == bits - 1
+    # the same grid as one bit less, in the same container
+    assert (spec.qmin, spec.qmax) == (
+        spec.with_(bits=bits - 1, reduce_range=False).qmin,
+        spec.with_(bits=bits - 1, reduce_range=False).qmax,
+    )
 
 
 def test_defaults_and_edge_values_are_accepted() -> None:

@@ -58,3 +58,16 @@ def test_quant_error_callback_follows_the_controls():
     assert sqnr[1] > sqnr[0]  # per-channel scales: less error
     box = widgets.quant_error_explorer(tensors)
     assert "qatlab-qe-explorer" in box._dom_classes
+
+
+def test_pair_sums_histogram_counts_the_pairs_over_the_int16_limit():
+    tables = {
+        "full": pd.DataFrame({"layer": ["a"] * 3 + ["b"] * 2, "reach": [0.5, 1.2, 1.9, 0.1, 0.99]}),
+        "reduced": pd.DataFrame({"layer": ["a", "b"], "reach": [0.9, 0.4]}),
+    }
+    fig = plot.pair_sums(tables, title="t")
+    assert len(fig.axes) == 2
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert labels == [["a (2 over)", "b (0 over)"], ["a (0 over)", "b (0 over)"]]
+    assert all(ax.lines[0].get_xdata()[0] == 1.0 for ax in fig.axes)  # the int16 limit
+    matplotlib.pyplot.close(fig)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qatlab
@@ -204,10 +205,53 @@ def test_reestimate_bn_uses_the_quantized_layer_output_and_restores_everything()
     qatlab.reestimate_bn(qat, [x], num_batches=1)
     assert torch.allclose(layer.bn.running_mean, y.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(layer.bn.running_var, y.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
-    # restored: mode, BN flag, momentum, observer switches; ranges untouched
-    assert not qat.training and layer.bn_frozen and layer.bn.momentum == momentum
+    # restored: mode, BN flag, momentum, observer switches; activation ranges untouched, and each simulated layer's
+    # per-channel weight scale follows sigma_old / sigma_new (next test)
+    assert not qat.training and layer.bn_frozen and layer.bn.momentum == momentum and layer.fold_var is None
     assert all(q.observer_enabled for _, q in quantizers(qat))
-    assert all(torch.equal(scales[n], q.scale) for n, q in quantizers(qat))
+    assert all(torch.equal(scales[n], q.scale) for n, q in quantizers(qat) if not n.endswith("weight_quant"))
+    assert not torch.equal(scales["features.0.weight_quant"], layer.weight_quant.scale)
+
+
+@pytest.mark.parametrize("ste", ["clipped", "lsq"])
+def test_reestimate_bn_keeps_the_weight_codes_of_simulated_folding(ste):
+    """New BN statistics must not move the integer weight codes QAT trained (simulate mode): the folded weight
+    w * gamma / sigma changes with sigma, so the scale follows it; the model is then BN(new) of the same
+    quantized conv."""
+    torch.manual_seed(0)
+    cfg = QATConfig(weight=QuantSpec(bits=3, symmetric=True, per_channel=True, ste=ste))
+    qat = qatlab.calibrate(qatlab.prepare_qat(build_model("cnn", width=4).eval(), cfg), _batches())
+    layer = next(m for m in qat.modules() if isinstance(m, QuantConvBn2d))
+    with torch.no_grad():  # QAT drifted the running variance: some channels far off what the data gives
+        layer.bn.running_var.mul_(torch.linspace(0.3, 3.0, layer.bn.num_features))
+
+    def codes_and_weight(m):
+        factor = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)
+        w_f = m.weight * factor.reshape(-1, 1, 1, 1)
+        s = m.weight_quant.scale.reshape(-1, 1, 1, 1)
+        codes = torch.clamp(torch.round(w_f / s), m.weight_quant.spec.qmin, m.weight_quant.spec.qmax)
+        return codes, m.weight_quant(w_f) / factor.reshape(-1, 1, 1, 1)  # the quantized weight, unfolded
+
+    qat.eval()
+    codes_before, w_eff = codes_and_weight(layer)
+    naive = copy.deepcopy(qat)  # keep_codes=False: the old scale quantizes the newly folded weight
+    qatlab.reestimate_bn(naive, _batches(), num_batches=2, keep_codes=False)
+    assert not torch.equal(
+        codes_and_weight(next(m for m in naive.modules() if isinstance(m, QuantConvBn2d)))[0], codes_before
+    )
+    qatlab.reestimate_bn(qat, _batches(), num_batches=2)
+    codes_after, w_eff_after = codes_and_weight(layer)
+    assert torch.equal(codes_before, codes_after)  # the same integer codes
+    assert torch.allclose(w_eff, w_eff_after, rtol=1e-5, atol=1e-7)  # the same quantized conv ...
+    x = _batches()[0][0]
+    with torch.no_grad():  # ... followed by BN with the new statistics: what the deployed layer computes
+        bn = layer.bn
+        want = F.batch_norm(layer._conv(layer._qin(x), w_eff, layer.bias), bn.running_mean, bn.running_var,
+                            bn.weight, bn.bias, False, 0.0, bn.eps)  # fmt: skip
+        want = F.relu(want) if layer.relu else want
+        got = layer(x)  # eval mode: folded with the new statistics, bias on the accumulator's grid
+    lsb = (layer.input_quant.scale * layer.weight_quant.scale).reshape(1, -1, 1, 1)  # the accumulator's LSB
+    assert ((got - want).abs() <= lsb / 2 + 1e-5).all()  # the bias rounded to that grid, nothing else
 
 
 def test_reestimate_bn_is_a_plain_average_over_batches():

@@ -451,6 +451,15 @@ def test_fake_quant_rejects_non_float() -> None:
         fake_quant([0.1, 0.2], torch.tensor([0.1]), _zp(0), QuantSpec())
 
 
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
+def test_fake_quant_rejects_a_scale_that_is_not_positive_and_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="scale must be positive and finite"):
+        fake_quant(torch.zeros(3), torch.tensor([bad]), _zp(0), QuantSpec())
+    per_channel = QuantSpec(per_channel=True)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        fake_quant(torch.zeros(2, 3), torch.tensor([0.1, bad]), _zp(0, 0), per_channel)
+
+
 def test_fake_quant_rejects_bad_spec() -> None:
     with pytest.raises(TypeError, match="QuantSpec"):
         fake_quant(torch.zeros(3), torch.tensor([0.1]), _zp(0), {"bits": 8})

@@ -87,14 +87,20 @@ def test_range_setting_spread_small_at_8_large_at_4():
     )
 
 
-def test_seed_noise_hides_a_difference():
+def test_seed_noise_hides_a_difference_but_a_shared_float_model_does_not():
     configs = [{"a_ste": ste, "a_bits": 2} for ste in ("identity", "clipped")]
 
-    def metrics(c, s):  # clipped better by 2 points on average, but the seeds differ by 6
+    def noisy(c, s):  # clipped better by 2 points on average, but one seed says +8, the other -4
         base = 0.78 if c["a_ste"] == "clipped" else 0.76
-        return {"qat_acc": base + (0.03 if s else -0.03)}
+        return {"qat_acc": base + (0.03 if s == (c["a_ste"] == "clipped") else -0.03)}
 
-    assert _judge("clipped_ste", _rows("clipped_ste", configs, metrics))[1] == "not reproduced"
+    text, verdict = _judge("clipped_ste", _rows("clipped_ste", configs, noisy))
+    assert verdict == "not reproduced" and "+2.00 points, margin 12.00" in text
+
+    def shared(c, s):  # each seed's float model moves both arms alike: the paired difference is always +2
+        return {"qat_acc": (0.78 if c["a_ste"] == "clipped" else 0.76) + (0.03 if s else -0.03)}
+
+    assert _judge("clipped_ste", _rows("clipped_ste", configs, shared))[1] == "reproduced"
     quiet = _rows("clipped_ste", configs, lambda c, s: {"qat_acc": 0.78 if c["a_ste"] == "clipped" else 0.76})
     assert _judge("clipped_ste", quiet)[1] == "reproduced"
 
@@ -199,10 +205,12 @@ def test_sweep_keeps_only_current_grids_and_resumes(fast_lab, monkeypatch):
         return {"float_acc": 0.9, "ptq_acc": 0.8, "qat_acc": 0.85, "diverged": 0}
 
     monkeypatch.setattr(rp, "run", fake)
-    monkeypatch.setattr(rp, "_float_model", lambda name: None)
+    trained = []
+    monkeypatch.setattr(rp, "float_model", lambda name, seed=0: trained.append((name, seed)))
     findings = [rp.finding("static_fold"), rp.finding("bit_cliff")]
     out = fast_lab / "sweep"
     old = rp.reproduce(findings, out, seeds=(5,), progress=False)  # another seed: a stale run in the folder
+    assert sorted(trained) == [("cnn", 5)]  # each seed's float model is made before the runs (not by workers)
     calls.clear()
     table = rp.reproduce(findings, out, progress=False)
     n = sum(len(rp.grids([f])[0]["bits"]) * (2 if f.key == "static_fold" else 1) for f in findings)
@@ -211,3 +219,15 @@ def test_sweep_keeps_only_current_grids_and_resumes(fast_lab, monkeypatch):
     calls.clear()
     again = rp.reproduce(findings, out, progress=False)
     assert calls == [] and again.equals(table)
+
+
+def test_each_seed_has_its_own_float_model_unless_pinned(fast_lab):
+    import torch
+
+    ptq = {"bits": 8, "steps": 0}
+    a, pinned = rp.run(ptq, 0), rp.run({**ptq, "float_seed": 0}, 1)
+    w0, w1 = (rp.float_model("cnn", s)[0].features[0].weight for s in (0, 1))
+    assert not torch.equal(w0, w1)  # seed 1 trained its own float model
+    assert pinned["float_acc"] == a["float_acc"]  # float_seed=0 uses seed 0's
+    with pytest.raises(ValueError, match="float_seed='x'"):
+        rp.run({"float_seed": "x"}, 0)

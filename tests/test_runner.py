@@ -40,3 +40,45 @@ def test_no_notebooks_is_not_an_error(tmp_path, capsys):
     assert main([str(tmp_path / "nbs"), str(tmp_path / "build")]) == 0
     assert "no notebooks found" in capsys.readouterr().out
     assert main([str(tmp_path / "missing"), str(tmp_path / "build")]) == 2
+
+
+EXPLORER = """import ipywidgets as W
+from IPython.display import Image, display
+out = W.Output()
+png = {png!r}
+with out:
+    print("4-bit grid: S = 0.25")
+    display(Image(data=png))
+W.VBox([W.IntSlider(), W.VBox([out])])"""
+
+
+def test_explorers_keep_a_static_copy(tmp_path):
+    """Read without a kernel, an explorer shows the caption and figure it last drew, not ``VBox(...)``."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    nbs, build = tmp_path / "nbs", tmp_path / "build"
+    nbs.mkdir()
+    _write(nbs / "01_widget.ipynb", EXPLORER.format(png=buf.getvalue()), "W.IntSlider()")
+    assert main([str(nbs), str(build), "--fast"]) == 0
+    done = nbformat.read(build / "notebooks" / "01_widget.ipynb", as_version=4)
+    data = done.cells[0].outputs[0]["data"]
+    assert "application/vnd.jupyter.widget-view+json" in data  # still a live widget in JupyterLab
+    assert data["text/plain"] == "4-bit grid: S = 0.25"
+    assert base64.b64decode(data["image/png"]) == buf.getvalue()  # the nested Output's figure, byte for byte
+    assert (
+        done.cells[1].outputs[0]["data"]["text/plain"].startswith("IntSlider(")
+    )  # nothing printed: repr kept
+    html = (build / "notebooks" / "01_widget.html").read_text()
+    assert "4-bit grid: S = 0.25" in html and data["image/png"][:64] in html
+    assert '<script type="application/vnd.jupyter.widget-view+json">' not in html

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qatlab
-from qatlab import QuantSpec, experiments
+from qatlab import QuantSpec, experiments, saturation
 from qatlab import transformer as tr
 from qatlab.data import load_tweets, reseed, tweets_available
 from qatlab.modules import FakeQuantizer, QuantLinear
@@ -111,6 +111,7 @@ def test_fake_quant_off_equals_the_float_model(minilm, mode):
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_export_parity_at_two_sequence_lengths(minilm, tmp_path, mode):
     model, tok, train, test, test_df = minilm
+    reseed(train, 0)  # the same calibration batches whatever ran before
     qat = qatlab.calibrate(
         qatlab.prepare_qat(model, tr.transformer_config(8, 8, mode)), train, num_batches=2
     ).eval()
@@ -124,14 +125,20 @@ def test_export_parity_at_two_sequence_lengths(minilm, tmp_path, mode):
             logits = qat(x)
             quant_error = (logits - model(x)).abs().max().item()
         assert r["n"] == len(x)
-        # Static ranges: ORT differs from PyTorch only by rounding flips, well below the fake-quant error. Dynamic
-        # ranges: ORT's fused kernels give slightly different floats, hence slightly different run-time scales,
-        # so every element moves a little: bounded by a tenth of the logit range.
+        # 64 requantizations of 8-bit activations: rounding ties that the file's float ops (numpy's or ORT's)
+        # break the other way add up to logit differences of the order of the fake-quant error itself (measured
+        # 0.009-0.020 on this tiny fixture, depending on the calibration batches, against a fake-quant error of
+        # 0.017-0.021), so both are held to 5% of the logit range; dynamic ranges move every run-time scale a
+        # little too: 10%. On AVX2 without VNNI, ORT's int16 saturation adds its part (measured 0.031 for static
+        # ranges, about 2% of the range): the report says so, saturates_here, naming every Linear at risk.
         spread = (logits.max() - logits.min()).item()
-        assert r["max_abs_diff"] < (quant_error if mode == "static" else 0.1 * spread)
+        bound = (0.05 if mode == "static" else 0.1) * spread
+        assert r["semantic_max_abs_diff"] < bound and r["max_abs_diff"] < bound
+        assert len(r["layers_at_risk"]) == 36  # every int8 Linear has weight pairs that can overflow int16
+        assert r["saturates_here"] == saturation.cpu_int8().saturates
         # The head here is barely trained (near-tie logits), so agreement is checked where the decision is not a
-        # near-tie: tweets whose PyTorch margin exceeds the fake-quant error must get ORT's vote too.
-        out = torch.from_numpy(qatlab.export.ort_session(path).run(None, {"input": x.numpy()})[0])
+        # near-tie: tweets whose PyTorch margin exceeds the fake-quant error must get the file's vote too.
+        out = torch.from_numpy(saturation.run_reference(path, [x.numpy()])[0])
         top2 = logits.topk(2, dim=1).values
         clear = (top2[:, 0] - top2[:, 1]) > quant_error
         assert clear.sum() >= 2 and torch.equal(out[clear].argmax(1), logits[clear].argmax(1))
@@ -189,6 +196,12 @@ def test_attention_matmuls_quantized_calibrated_and_exported(minilm, tmp_path):
     assert not torch.equal(a, b)  # the attention quantizers change the output
     path = qatlab.export_onnx(qat, tmp_path / "attn.onnx", x[:1], dynamic_dims={1: "sequence"})
     r = qatlab.verify_onnx(qat, path, x, tol_lsb=float("inf"), min_agreement=0.0)
-    assert r["max_abs_diff"] < 0.1 * (b.max() - b.min()).item()  # softmax codes flip in ORT: a looser bound
+    # softmax codes flip between float implementations: a looser bound
+    bound = 0.1 * (b.max() - b.min()).item()
+    assert r["max_abs_diff"] < bound and r["semantic_max_abs_diff"] < bound
+    # the emulator computes every integer layer, the activation x activation products (Q K^T) included, from
+    # its codes; summed exactly (as VNNI does), that is the reference evaluator up to the same rounding ties
+    exact, clipped = saturation.emulate(path, x, saturate=False)
+    assert abs(exact - b.numpy()).max() < bound and sum(clipped.values()) == 0
     with pytest.raises(ValueError, match="per tensor"):
         tr.quantize_attention(qat, QuantSpec(per_channel=True))
