@@ -60,9 +60,17 @@ def save_atomic(obj: object, path: str | os.PathLike) -> Path:
     return path
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming ``name`` and its valid ``choices`` when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a positive int (``True`` is refused: a bool is
+    an int subclass, but ``batch_size=True`` is always a mistake)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid; pass a positive integer")
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,8 @@ class QuantSpec:
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
         if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
             raise TypeError(f"ch_axis={self.ch_axis!r} must be an int (0 for conv/linear weights)")
-        _check_choice("observer", self.observer, OBSERVERS)
-        _check_choice("ste", self.ste, STES)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_choice("ste", self.ste, STES)
         if self.observer == "dynamic" and (self.per_channel or self.ste in ("lsq", "pact")):
             raise ValueError(
                 "observer='dynamic' computes a per-tensor range from each tensor at run time: use "
@@ -237,7 +245,7 @@ class QATConfig:
             )
         if self.weight.ste == "pact":
             raise ValueError("weight.ste='pact' is not supported: PACT learns an activation clip; use 'lsq'")
-        _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        check_choice("bn_mode", self.bn_mode, BN_MODES)
         if self.quantize_outputs and self.activation is None:
             raise ValueError(
                 "quantize_outputs=True needs an activation spec (outputs use it); pass activation=QuantSpec(...) "
@@ -278,7 +286,7 @@ class QATConfig:
 
     def spec_for(self, kind: str, keep: bool) -> QuantSpec | None:
         """The spec used for ``kind`` ("weight" or "activation") of a layer; ``None`` means float."""
-        _check_choice("kind", kind, ("weight", "activation"))
+        check_choice("kind", kind, ("weight", "activation"))
         spec = self.weight if kind == "weight" else self.activation
         if spec is None or not keep:
             return spec

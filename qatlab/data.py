@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from qatlab.config import fast
+from qatlab.config import check_positive_int, fast
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -44,12 +44,6 @@ _FIX = "reinstall dataset-fashion-mnist or replace the file with an intact copy"
 
 def _resolve_root(root: PathArg) -> Path:
     return Path(root if root is not None else os.environ.get("QATLAB_DATA") or DEFAULT_FASHION_DIR)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    # bool is an int subclass, but batch_size=True is always a mistake.
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} is invalid; pass a positive integer")
 
 
 def fashion_mnist_available(root: PathArg = None) -> bool:
@@ -132,7 +126,7 @@ def _subset(n: int, size: int | None, default_fast: int, seed: int, name: str) -
         if not fast():
             return None
         size = min(default_fast, n)
-    _check_positive_int(name, size)
+    check_positive_int(name, size)
     if size > n:
         raise ValueError(f"{name}={size} exceeds the {n} examples of the split; pass at most {n} or None")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
@@ -186,7 +180,7 @@ def fashion_mnist_loaders(
         >>> len(train.dataset), next(iter(test))[0].shape  # doctest: +SKIP
         (512, torch.Size([128, 1, 28, 28]))
     """
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers={num_workers!r} is invalid; pass an integer >= 0 (0 = main process)")
     splits = []
@@ -224,7 +218,7 @@ def digits_loaders(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
         raise TypeError(f"test_fraction={test_fraction!r} must be a number between 0 and 1, e.g. 0.25")
     if not 0.0 < test_fraction < 1.0:
@@ -283,9 +277,9 @@ def load_tweets(test_size: int = 500, train_size: int | None = None, seed: int =
     """
     import pandas as pd
 
-    _check_positive_int("test_size", test_size)
+    check_positive_int("test_size", test_size)
     if train_size is not None:
-        _check_positive_int("train_size", train_size)
+        check_positive_int("train_size", train_size)
     path = _tweets_path()
     if path is None:
         raise FileNotFoundError(f"tweet corpus {TWEETS_FILE!r} not found: {_TWEETS_FIX}")

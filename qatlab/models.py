@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} is invalid; pass a positive integer")
+from qatlab.config import check_positive_int
 
 
 def _conv_bn_relu(
@@ -54,7 +51,7 @@ class LabCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         w = width
         self.features = nn.Sequential(
             *_conv_bn_relu(in_channels, w),
@@ -90,7 +87,7 @@ class DepthwiseCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         layers = _conv_bn_relu(in_channels, width)
         c = width
         for stride in (1, 2, 2):
@@ -124,14 +121,14 @@ class MLP(nn.Module):
         self, in_features: int = 784, hidden: Sequence[int] = (256, 128), num_classes: int = 10
     ) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
+        check_positive_int("in_features", in_features)
+        check_positive_int("num_classes", num_classes)
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise TypeError(f"hidden={hidden!r} must be a sequence of layer sizes, e.g. (256, 128)")
         layers: list[nn.Module] = [nn.Flatten()]
         n = in_features
         for i, h in enumerate(hidden):
-            _check_positive_int(f"hidden[{i}]", h)
+            check_positive_int(f"hidden[{i}]", h)
             layers += [nn.Linear(n, h), nn.ReLU()]
             n = h
         self.features = nn.Sequential(*layers)
@@ -159,7 +156,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
         super().__init__()
         for name, value in (("c_in", c_in), ("c_out", c_out), ("stride", stride)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU()
@@ -197,7 +194,7 @@ class ResidualCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         self.stem = nn.Sequential(*_conv_bn_relu(in_channels, width))
         self.layer1 = ResidualBlock(width, width)
         self.layer2 = ResidualBlock(width, 2 * width, stride=2)

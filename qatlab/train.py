@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from qatlab.config import check_choice
 from qatlab.data import reseed
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "bn_frozen",
@@ -42,11 +43,6 @@ def _check_lr(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value}; pass e.g. {name}=0.01")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}; pass e.g. {name}={choices[0]!r}")
-
-
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, schedule: str = "cosine") -> float:
     """The learning rate that step `step` (0-based) uses: linear warm-up, then cosine decay or constant.
 
@@ -57,7 +53,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, schedule: s
         >>> lr_at(0, 100, 10, 0.1), lr_at(9, 100, 10, 0.1), round(lr_at(55, 100, 10, 0.1), 6)
         (0.01, 0.1, 0.05)
     """
-    _check_choice("schedule", schedule, _SCHEDULES)
+    check_choice("schedule", schedule, _SCHEDULES)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -179,8 +175,8 @@ def fit(
     """
     _check_int("epochs", epochs, 1)
     _check_lr("lr", lr)
-    _check_choice("optimizer", optimizer, _OPTIMIZERS)
-    _check_choice("schedule", schedule, _SCHEDULES)
+    check_choice("optimizer", optimizer, _OPTIMIZERS)
+    check_choice("schedule", schedule, _SCHEDULES)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}; pass e.g. momentum=0.9")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
