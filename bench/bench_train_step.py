@@ -24,7 +24,7 @@ from qatlab import QATConfig, QuantSpec
 from qatlab.models import build_model
 
 # the steady state of a long run: fake_quant's compiled kernels from the first step, not after the
-# core-op warm-up a process otherwise starts with (quant.FUSED_AFTER_ELEMENTS)
+# core-op warm-up a process otherwise starts with (fused.FUSED_AFTER_ELEMENTS)
 os.environ.setdefault("QATLAB_COMPILE", "1")
 
 

@@ -1,8 +1,9 @@
 """qatlab: a notebook-driven lab for quantization-aware training (QAT) in PyTorch.
 
-Where things live: the STE and quantization math in ``quant.py``, range estimation in ``observers.py``,
-fake-quant layers and BatchNorm folding in ``modules.py``, model surgery in ``prepare.py``, training in
-``train.py``, ONNX export in ``export.py``.
+Where things live: the STE and quantization math in ``quant.py`` (when it runs as a compiled kernel:
+``fused.py``), range estimation in ``observers.py``, fake-quant layers and BatchNorm folding in ``modules.py``,
+model surgery in ``prepare.py``, training in ``train.py``, one QAT run and PTQ sweeps in ``experiments.py``, ONNX
+export in ``export.py``.
 """
 
 from qatlab.config import QATConfig, QuantSpec, fast
@@ -22,6 +23,7 @@ from qatlab.quant import dequantize, fake_quant, qparams, quantize, sqnr
 __all__ = [
     "QATConfig",
     "QuantSpec",
+    "accuracy",
     "calibrate",
     "convert",
     "dequantize",
@@ -45,7 +47,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_LAZY = {"fit": "train", "evaluate": "train", "export_onnx": "export", "verify_onnx": "export"}
+_LAZY = {
+    "accuracy": "train",
+    "fit": "train",
+    "evaluate": "train",
+    "export_onnx": "export",
+    "verify_onnx": "export",
+}
 
 
 def __getattr__(name: str):

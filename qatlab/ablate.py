@@ -231,14 +231,16 @@ def digits_qat_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
 
     Config keys (all optional): ``bits`` (weights and activations, default 4), ``per_channel`` (True),
     ``observer`` (activations, "ema"), ``ste`` ("clipped"), ``steps`` (QAT steps, 40), ``lr`` (QAT LR, 0.01).
-    Returns ``float_acc``, ``ptq_acc``, ``qat_acc``. Deterministic for a given config and seed (1 thread).
+    The QAT part is :func:`qatlab.experiments.qat_run` (4 calibration batches). Returns ``float_acc``,
+    ``ptq_acc`` (the calibrated model before QAT) and ``qat_acc``. Deterministic for a given config and seed
+    (1 thread).
     """
     import torch
 
     from qatlab.config import QATConfig, QuantSpec
     from qatlab.data import digits_loaders
+    from qatlab.experiments import one_thread, qat_run
     from qatlab.models import build_model
-    from qatlab.prepare import calibrate, prepare_qat, ptq
     from qatlab.train import evaluate, fit
 
     known = {"bits", "per_channel", "observer", "ste", "steps", "lr"}
@@ -252,21 +254,15 @@ def digits_qat_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
             bits=bits, observer=config.get("observer", "ema"), ste=config.get("ste", "clipped")
         ),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train, test = digits_loaders(batch_size=64, seed=seed)
         torch.manual_seed(seed)
         model = build_model("cnn", width=8)
         fit(model, train, epochs=3, lr=0.05, seed=seed, progress=False)
         float_acc = evaluate(model, test)["acc"]
-        ptq_acc = evaluate(ptq(model, cfg, train, num_batches=4), test)["acc"]
-        qat = calibrate(prepare_qat(model, cfg), train, num_batches=4)
-        fit(qat, train, epochs=1, lr=float(config.get("lr", 0.01)), seed=seed, progress=False,
-            max_steps_per_epoch=int(config.get("steps", 40)))  # fmt: skip
-        return {"float_acc": float_acc, "ptq_acc": ptq_acc, "qat_acc": evaluate(qat, test)["acc"]}
-    finally:
-        torch.set_num_threads(threads)
+        run = qat_run(model, cfg, train, test, steps=int(config.get("steps", 40)), calib_batches=4,
+                      lr=float(config.get("lr", 0.01)), seed=seed)  # fmt: skip
+    return {"float_acc": float_acc, "ptq_acc": run["ptq_acc"], "qat_acc": run["acc"]}
 
 
 def read_grid_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -326,9 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [
         c for c in table.columns if c not in (*names, *RESERVED) and pd.api.types.is_numeric_dtype(table[c])
     ]
-    for (
-        metric
-    ) in metrics:  # one figure per metric against the first grid name, one line per the second's values
+    # one figure per metric against the first grid name, one line per value of the second
+    for metric in metrics:
         fig = plot_summary(table, metric, x=names[0], hue=names[1] if len(names) > 1 else None)
         fig.savefig(out / f"{metric}.png", dpi=100)
     print(f"\n{len(table)} runs -> {out / 'results.csv'}; plots: {', '.join(m + '.png' for m in metrics)}")

@@ -19,7 +19,16 @@ from torch import Tensor, nn
 from qatlab.config import QATConfig, QuantSpec
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantLinear
 from qatlab.prepare import prepare_qat, run_batch
-from qatlab.quant import sqnr
+from qatlab.quant import fake_quant, qparams, sqnr
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """``"linear"``, ``"depthwise"`` (a grouped conv), ``"pointwise"`` (1x1 kernel) or ``"full"`` conv."""
+    if not hasattr(layer, "groups"):  # nn.Linear, QuantLinear
+        return "linear"
+    if layer.groups > 1:
+        return "depthwise"
+    return "pointwise" if all(k == 1 for k in layer.weight.shape[2:]) else "full"
 
 
 def layer_weights(model: nn.Module, fold_bn: bool = True) -> dict[str, Tensor]:
@@ -108,3 +117,30 @@ def sqnr_table(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def bn_fold_channel_stats(weight, folded, bits: int = 8):
+    """Per output channel of a conv: max|w| before and after folding BN, and the SQNR (dB) of the folded
+    channel when the folded tensor is quantized symmetric with one scale per tensor vs one per channel.
+
+    Returns a pandas DataFrame with columns ``channel``, ``max_before``, ``max_after``, ``sqnr_per_tensor``,
+    ``sqnr_per_channel`` (a channel that quantizes to all zeros has SQNR 0 dB).
+    """
+    weight, folded = weight.detach().float(), folded.detach().float()  # (C, Cin/groups, kh, kw)
+    quantized = {}
+    with torch.no_grad():
+        for per_channel in (False, True):
+            spec = QuantSpec(bits=int(bits), symmetric=True, per_channel=per_channel)
+            amax = folded.abs().flatten(1).amax(dim=1) if per_channel else folded.abs().max()
+            scale, zp = qparams(-amax, amax, spec)
+            quantized[per_channel] = fake_quant(folded, scale, zp, spec)
+    channels = range(len(folded))
+    return pd.DataFrame(
+        {
+            "channel": channels,
+            "max_before": weight.abs().flatten(1).amax(dim=1).numpy(),
+            "max_after": folded.abs().flatten(1).amax(dim=1).numpy(),
+            "sqnr_per_tensor": [sqnr(folded[c], quantized[False][c]) for c in channels],
+            "sqnr_per_channel": [sqnr(folded[c], quantized[True][c]) for c in channels],
+        }
+    )

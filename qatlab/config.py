@@ -291,3 +291,18 @@ class QATConfig:
         if spec is None or not keep:
             return spec
         return None if self.keep_bits is None else spec.with_(bits=self.keep_bits)
+
+
+def lab_config(bits: int, activations: bool = True, bn_mode: str = "simulate") -> QATConfig:
+    """The lab's QAT configuration at ``bits`` (notebooks 04 and 05): weights per-channel symmetric with min-max
+    ranges; activations (``activations=True``) at the same bits, EMA-calibrated, with an LSQ-learned scale.
+
+    Example:
+        >>> lab_config(4).activation.ste
+        'lsq'
+    """
+    return QATConfig(
+        weight=QuantSpec(bits=bits, symmetric=True, per_channel=True),
+        activation=QuantSpec(bits=bits, observer="ema", ste="lsq") if activations else None,
+        bn_mode=bn_mode,
+    )

@@ -300,11 +300,26 @@ def load_tweets(test_size: int = 500, train_size: int | None = None, seed: int =
 _LOADERS = {"fashion_mnist": fashion_mnist_loaders, "digits": digits_loaders}
 
 
-def loaders(name: str = "fashion_mnist", **kwargs: Any) -> tuple[DataLoader, DataLoader]:
+DATASETS = ("fashion_mnist", "digits")
+
+
+def resolve_dataset(name: str = "auto") -> str:
+    """``"auto"`` -> ``"fashion_mnist"`` when its files are installed, else ``"digits"`` (the fallback that needs
+    nothing); any other name is checked against :data:`DATASETS` and returned."""
+    if name == "auto":
+        return "fashion_mnist" if fashion_mnist_available() else "digits"
+    if name not in _LOADERS:
+        raise ValueError(
+            f"dataset {name!r} is not a known data set; use 'auto' or one of: {', '.join(_LOADERS)}"
+        )
+    return name
+
+
+def loaders(name: str = "auto", **kwargs: Any) -> tuple[DataLoader, DataLoader]:
     """Train/test loaders of a data set by name.
 
     Args:
-        name: ``"fashion_mnist"`` or ``"digits"``.
+        name: ``"fashion_mnist"``, ``"digits"`` or ``"auto"`` (:func:`resolve_dataset`).
         **kwargs: passed on to :func:`fashion_mnist_loaders` or :func:`digits_loaders`.
 
     Example:
@@ -312,6 +327,4 @@ def loaders(name: str = "fashion_mnist", **kwargs: Any) -> tuple[DataLoader, Dat
         >>> next(iter(train))[0].shape
         torch.Size([8, 1, 8, 8])
     """
-    if name not in _LOADERS:
-        raise ValueError(f"name={name!r} is not a known data set; use one of: {', '.join(_LOADERS)}")
-    return _LOADERS[name](**kwargs)
+    return _LOADERS[resolve_dataset(name)](**kwargs)

@@ -29,13 +29,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from qatlab.config import QATConfig, save_atomic, write_atomic
+from qatlab.data import loaders, resolve_dataset
+from qatlab.experiments import qat_run
+from qatlab.export import export_onnx, verify_onnx
+from qatlab.models import build_model
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
+from qatlab.prepare import prepare_qat
+from qatlab.train import evaluate
 
 
 @dataclass
@@ -161,11 +168,7 @@ def _device(choice: str, local_rank: int) -> torch.device:
 
 
 def _datasets(cfg: RunConfig):
-    from qatlab.data import fashion_mnist_available, loaders
-
-    name = cfg.dataset
-    if name == "auto":
-        name = "fashion_mnist" if fashion_mnist_available() else "digits"
+    name = resolve_dataset(cfg.dataset)
     kwargs: dict[str, Any] = {"seed": cfg.seed}
     if name == "fashion_mnist":
         kwargs.update(train_size=cfg.train_size, test_size=cfg.test_size)
@@ -182,10 +185,6 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     saves ``checkpoint.pt`` (QAT state dict + history so far) and ``history.csv``. At the end every rank's
     parameters and ranges are gathered and compared, and rank 0 evaluates, exports and writes ``result.json``.
     """
-    from qatlab.models import build_model
-    from qatlab.prepare import calibrate, prepare_qat
-    from qatlab.train import evaluate, fit
-
     out = Path(out_dir)
     rank, world, local = _setup()
     device = _device(cfg.device, local)
@@ -208,19 +207,16 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
         model.load_state_dict(torch.load(cfg.float_checkpoint, map_location="cpu", weights_only=True))
     float_acc = evaluate(model.to(device), test, device=device)["acc"] if rank == 0 else float("nan")
 
-    qat = prepare_qat(model, QATConfig.from_dict(cfg.qat)).to(device)  # prepare first ...
-    if cfg.sync_observers:
-        sync_observers(qat)
-    ptq_acc = float("nan")
-    if cfg.calib_batches:
-        sampler.set_epoch(0)
-        calibrate(qat, train, num_batches=cfg.calib_batches, device=device)
-        ptq_acc = evaluate(qat, test, device=device)["acc"] if rank == 0 else ptq_acc
-    trained: nn.Module = qat
-    if world > 1:  # ... then wrap
-        trained = nn.parallel.DistributedDataParallel(
-            qat, device_ids=[local] if device.type == "cuda" else None
-        )
+    def prepare(m: nn.Module, config: QATConfig) -> nn.Module:
+        qat = prepare_qat(m, config)
+        if cfg.sync_observers:
+            sync_observers(qat)  # calibration on each rank's shard then gives the ranges of the union
+        return qat
+
+    def wrap(qat: nn.Module) -> nn.Module:  # quantize first, then wrap
+        if world == 1:
+            return qat
+        return nn.parallel.DistributedDataParallel(qat, device_ids=[local] if device.type == "cuda" else None)
 
     def on_epoch_start(epoch: int, _model: nn.Module) -> None:
         sampler.set_epoch(epoch)
@@ -232,18 +228,23 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
             row["train_loss"], row["train_acc"] = (t / world).tolist()
         if rank == 0:
             history.append(dict(row))
+            qat = getattr(_model, "module", _model)  # the QAT model inside DDP
             save_atomic({"qat_state_dict": qat.state_dict(), "history": history, "config": asdict(cfg)},
-                         out / "checkpoint.pt")  # fmt: skip
-            import pandas as pd
-
+                        out / "checkpoint.pt")  # fmt: skip
             write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 
     history: list[dict[str, Any]] = []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    fit(trained, train, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule,
-        momentum=cfg.momentum, seed=cfg.seed, device=device, progress=rank == 0,
-        max_steps_per_epoch=cfg.steps_per_epoch, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)  # fmt: skip
+    sampler.set_epoch(0)  # calibration reads the shard of epoch 0
+    # only rank 0 evaluates, on the unwrapped model: a DDP forward on one rank alone would wait for the others
+    run_ = qat_run(model, QATConfig.from_dict(cfg.qat), train, test if rank == 0 else None,
+                   steps=cfg.steps_per_epoch, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule,
+                   momentum=cfg.momentum, calibrated=cfg.calib_batches > 0, calib_batches=cfg.calib_batches,
+                   epochs=cfg.epochs, seed=cfg.seed, device=device, progress=rank == 0,
+                   on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, prepare=prepare, wrap=wrap,
+                   validate=False)  # fmt: skip
+    qat, ptq_acc = run_["model"], run_["ptq_acc"]
 
     state = rank_state(qat)
     if world > 1:
@@ -256,7 +257,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
         result = {
             "world_size": world, "backend": dist.get_backend() if world > 1 else "none", "device": str(device),
             "dataset": dataset, "float_acc": float_acc, "ptq_acc": ptq_acc,
-            "acc": evaluate(qat, test, device=device)["acc"], "history": history,
+            "acc": run_["acc"], "history": history,
             "rank_differences": rank_differences(states), "seconds": time.perf_counter() - start,
             "config": asdict(cfg),
         }  # fmt: skip
@@ -270,8 +271,6 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _export(qat: nn.Module, test: DataLoader, path: Path) -> dict[str, Any]:
-    from qatlab.export import export_onnx, verify_onnx
-
     x = next(iter(test))[0][:256].cpu()
     model = qat.to("cpu").eval()
     export_onnx(model, path, x[:1])

@@ -27,13 +27,6 @@ from qatlab.modules import FakeQuantizer, QuantConvBn2d
 from qatlab.quant import quantize
 
 
-def flip_fraction(before: Tensor, after: Tensor) -> float:
-    """Fraction of integer codes that differ between two snapshots of the same tensor."""
-    if before.shape != after.shape:
-        raise ValueError(f"snapshots differ in shape: {tuple(before.shape)} vs {tuple(after.shape)}")
-    return float((before != after).float().mean())
-
-
 def _rel(now: Tensor, start: Tensor) -> float:
     return float((now.detach() - start).norm() / start.norm().clamp(min=1e-12))
 

@@ -9,17 +9,21 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qatlab.config import QATConfig
 from qatlab.data import reseed
 from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare_qat, ptq, quantizers
 from qatlab.quant import sqnr
+from qatlab.train import evaluate, fit
 
 
 @torch.no_grad()
@@ -49,8 +53,6 @@ def ptq_sweep(
 
     Extra keyword arguments become constant columns (e.g. ``seed=0``).
     """
-    from tqdm.auto import tqdm
-
     ref, y = _logits(model.to(device), test_loader, device)
     rows = []
     for label, cfg in tqdm(configs.items(), desc="PTQ sweep", disable=not progress, leave=False):
@@ -101,10 +103,6 @@ def layer_sensitivity(
         One row per layer: ``layer``, ``acc``, ``acc_drop`` (float accuracy minus this one), ``output_sqnr_db``
         (logits vs the float model's), sorted with the most harmful layer first.
     """
-    from dataclasses import replace
-
-    from tqdm.auto import tqdm
-
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     layers = names if layers is None else list(layers)
     unknown = [n for n in layers if n not in names]
@@ -141,22 +139,32 @@ def layer_sensitivity(
     return df.sort_values(["output_sqnr_db"]).reset_index(drop=True)
 
 
-def float_accuracy(model: nn.Module, test_loader: Iterable, device: str | torch.device = "cpu") -> float:
-    out, y = _logits(model.to(device), test_loader, device)
-    return float((out.argmax(1) == y).float().mean())
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread (the thread count is restored after): a run's numbers then do not
+    depend on how many threads the machine, a pool worker or the notebook kernel has (float sums are reduced in
+    a thread-count-dependent order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def qat_run(
     model: nn.Module,
     config: QATConfig,
     train_loader: Iterable,
-    test_loader: Iterable,
-    steps: int,
+    test_loader: Iterable | None,
+    steps: int | None,
     lr: float = 5e-4,
     optimizer: str = "sgd",
     schedule: str = "cosine",
+    momentum: float = 0.9,
     calibrated: bool = True,
     calib_batches: int = 8,
+    calib_loader: Iterable | None = None,
     freeze_bn_epoch: int | None = None,
     freeze_observer_epoch: int | None = None,
     epochs: int = 1,
@@ -164,52 +172,79 @@ def qat_run(
     device: str | torch.device = "cpu",
     progress: bool = False,
     on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
+    prepare: Callable[[nn.Module, QATConfig], nn.Module] = prepare_qat,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    validate: bool = True,
     **labels: Any,
 ) -> dict[str, Any]:
-    """Prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, and evaluate.
+    """One QAT run: prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, evaluate.
 
-    ``steps`` optimizer steps per epoch for ``epochs`` epochs. ``calibrated=False`` starts from raw
-    ranges: the observers first see the first training batch (train-mode BatchNorm), as a QAT run that
-    skips calibration does. The train loader is reseeded with ``seed`` before calibration and again by fit,
-    so the result does not depend on what ran before. ``on_epoch_start(epoch, qat_model)`` is passed to fit
-    (e.g. to attach a :mod:`qatlab.dynamics` recorder or change the quantizers after calibration).
+    Every QAT run of the lab goes through here: the notebooks' sweeps, :func:`qatlab.ablate.digits_qat_run`,
+    :func:`qatlab.reproduce.run` and :func:`qatlab.distributed.run`.
+
+    ``steps`` optimizer steps per epoch (None: the whole loader) for ``epochs`` epochs. ``calibrated=False``
+    starts from raw ranges: the observers first see the first training batch (train-mode BatchNorm), as a QAT
+    run that skips calibration does. Calibration reads ``calib_batches`` batches of ``calib_loader`` (default: the
+    train loader, reseeded with ``seed`` first; fit reseeds it again), so the result does not depend on what ran
+    before. ``on_epoch_start(epoch, qat_model)`` and
+    ``on_epoch_end(epoch, qat_model, row)`` are passed to fit (e.g. to attach a :mod:`qatlab.dynamics` recorder,
+    change the quantizers after calibration, or checkpoint).
+
+    Hooks for the cases that differ:
+        prepare: ``prepare(model, config) -> QAT model``; e.g. :func:`qatlab.sparsity.prepare_sparse_qat` keeps
+            the 2:4 masks.
+        wrap: ``wrap(qat) -> the module fit trains``, applied after calibration: e.g. DistributedDataParallel
+            (quantize first, then wrap). ``model`` in the result stays the unwrapped QAT model.
+        test_loader: None skips every evaluation (``ptq_acc`` and ``acc`` NaN), e.g. on the DDP ranks but 0.
+        validate: False evaluates once at the end instead of after every epoch (fit's ``val_loader``).
 
     Returns:
-        A row: the labels, ``acc`` (final test accuracy), ``ptq_acc`` (before fine-tuning, NaN when not
-        calibrated), ``history`` (the fit DataFrame), ``model`` and ``seconds``.
+        A row: the labels, ``seed``, ``ptq_acc`` (before fine-tuning, NaN when not calibrated), ``acc`` (final
+        test accuracy), ``seconds`` (fine-tuning), ``history`` (the fit DataFrame) and ``model``.
     """
-    from qatlab.train import evaluate, fit
-
+    nan = float("nan")
     torch.manual_seed(seed)
-    qat = prepare_qat(model, config).to(device)
-    ptq_acc = float("nan")
+    qat = prepare(model, config).to(device)
+    ptq_acc = nan
     if calibrated:
-        reseed(train_loader, seed)
-        calibrate(qat, train_loader, num_batches=calib_batches, device=device)
-        ptq_acc = evaluate(qat, test_loader, device=device)["acc"]
+        if calib_loader is None:
+            calib_loader = train_loader
+            reseed(train_loader, seed)
+        calibrate(qat, calib_loader, num_batches=calib_batches, device=device)
+        if test_loader is not None:
+            ptq_acc = evaluate(qat, test_loader, device=device)["acc"]
+    trained = qat if wrap is None else wrap(qat)
     start = time.perf_counter()
     history = fit(
-        qat,
+        trained,
         train_loader,
         epochs=epochs,
         lr=lr,
         optimizer=optimizer,
         schedule=schedule,
+        momentum=momentum,
         seed=seed,
         max_steps_per_epoch=steps,
         freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=freeze_observer_epoch,
-        val_loader=test_loader,
+        val_loader=test_loader if validate else None,
         device=device,
         progress=progress,
         on_epoch_start=on_epoch_start,
+        on_epoch_end=on_epoch_end,
     )
+    seconds = time.perf_counter() - start
+    acc = nan
+    if test_loader is not None:
+        done = validate and len(history)
+        acc = float(history["val_acc"].iloc[-1]) if done else evaluate(qat, test_loader, device=device)["acc"]
     return {
         **labels,
         "seed": seed,
         "ptq_acc": ptq_acc,
-        "acc": float(history["val_acc"].iloc[-1]),
-        "seconds": time.perf_counter() - start,
+        "acc": acc,
+        "seconds": seconds,
         "history": history,
         "model": qat,
     }

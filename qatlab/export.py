@@ -221,9 +221,7 @@ def export_onnx(
             custom_translation_table=_onnx_translation(),
             verbose=False,
         )
-    tmp = path.with_name(path.name + ".tmp")
-    program.save(str(tmp))
-    os.replace(tmp, path)  # never leave a half-written file behind
+    _save_atomic(program, path)
     onnx.checker.check_model(str(path), full_check=True)
     _warn_if_saturates(path)
     return path
@@ -650,8 +648,15 @@ def export_float_onnx(
             input_names=["input"],
             output_names=["output"],
         )
-    program.save(str(path))
+    _save_atomic(program, path)
     return path
+
+
+def _save_atomic(program, path: Path) -> None:
+    """Save an ONNX program through a temporary file and a rename: never a half-written file at ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp))
+    os.replace(tmp, path)
 
 
 def time_ort(

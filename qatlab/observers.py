@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.config import QuantSpec
-from qatlab.quant import _axis, _qparams, fake_quant
+from qatlab.quant import channel_axis, fake_quant, qparams_unchecked
 
 # torch.quantile refuses inputs above 2**24 elements, and the MSE search runs 36 fake-quant passes: a strided
 # subsample of a large batch keeps the estimate (the range of the tails still comes from the full batch for
@@ -87,7 +87,7 @@ class Observer(nn.Module):
 
     def _rows(self, x: Tensor) -> Tensor:
         """View ``x`` as rows, one per channel: (C, N) per channel, (1, N) per tensor."""
-        axis = _axis(x, self.spec)
+        axis = channel_axis(x, self.spec)
         if axis < 0:
             return x.reshape(1, -1)
         rows = x.transpose(0, axis).reshape(x.shape[axis], -1)
@@ -150,7 +150,7 @@ class Observer(nn.Module):
                 "or a training step with observers enabled first"
             )
         # the range is finite (checked in forward) and ordered by construction: no need for qparams' checks
-        return _qparams(self.min_val, self.max_val, self.spec)
+        return qparams_unchecked(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:
         self.initialized.fill_(False)
@@ -210,7 +210,7 @@ class MSEObserver(_AveragingObserver):
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for alpha in _MSE_GRID.tolist():
-            s, z = _qparams(lo * alpha, hi * alpha, row_spec)
+            s, z = qparams_unchecked(lo * alpha, hi * alpha, row_spec)
             err = (fake_quant(rows, s.to(rows.device), z.to(rows.device), row_spec) - rows).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

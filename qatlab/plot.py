@@ -13,8 +13,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-__all__ = ["Figure", "np", "pd", "plt", "torch"]
-
 
 def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5), **kw):
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)

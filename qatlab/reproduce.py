@@ -109,14 +109,10 @@ def run_model(config: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
     Runs on one torch thread (restored after), so a config and seed give the same numbers in a pool worker,
     in the notebook and on a rerun.
     """
-    import torch
+    from qatlab.experiments import one_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _run_model(config, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_model(config: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:

@@ -1,15 +1,13 @@
-"""QAT training loop: `fit` / `evaluate`, per-step LR schedule, BN / observer freezing, published recipes."""
+"""QAT training loop: `fit` / `evaluate`, per-step LR schedule, BN / observer freezing."""
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -20,6 +18,7 @@ from tqdm.auto import tqdm
 
 from qatlab.config import check_choice
 from qatlab.data import reseed
+from qatlab.prepare import freeze_bn_stats, freeze_observers
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "bn_frozen",
                    "observers_frozen", "time_s")  # fmt: skip
@@ -142,6 +141,11 @@ def _train_epoch(model, loader, opt, sched, loss_fn, device, steps, epoch, progr
     return total_loss / n, correct / n, lr_used
 
 
+def accuracy(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode): ``evaluate(model, loader, device)["acc"]``."""
+    return evaluate(model, loader, device)["acc"]
+
+
 def fit(
     model: nn.Module, train_loader: Iterable, *, epochs: int = 1, lr: float = 0.01, optimizer: str = "sgd",
     momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = "cosine", warmup_epochs: float = 0.0,
@@ -209,12 +213,11 @@ def fit(
     try:
         for epoch in bar:
             start = time.perf_counter()
-            # Imported only when needed, so fit works on plain float models without qatlab.prepare.
             if epoch == freeze_bn_epoch:
-                importlib.import_module("qatlab.prepare").freeze_bn_stats(model)
+                freeze_bn_stats(model)
                 bn_frozen = True
             if epoch == freeze_observer_epoch:
-                importlib.import_module("qatlab.prepare").freeze_observers(model)
+                freeze_observers(model)
                 observers_frozen = True
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
@@ -238,72 +241,3 @@ def fit(
     finally:
         bar.close()
     return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A published QAT fine-tuning recipe, relative to the float model's original training run.
-
-    `lr_fraction` / `epochs_fraction` scale the original training LR / epoch count; optimizer, momentum,
-    schedule, warmup_epochs, freeze_observer_epoch and freeze_bn_epoch are as in `fit` (None = never freeze);
-    `source` says where the numbers come from and what qatlab chose where the source gives none.
-    Example: `RECIPES["nvidia"].lr_fraction` is 0.01; `fit(..., **recipe_kwargs("nvidia", 0.1, 100))`.
-    """
-
-    name: str
-    lr_fraction: float
-    epochs_fraction: float
-    optimizer: str
-    momentum: float
-    schedule: str
-    warmup_epochs: float
-    freeze_observer_epoch: int | None
-    freeze_bn_epoch: int | None
-    source: str
-
-
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("nvidia", 0.01, 0.1, "sgd", 0.9, "cosine", 0.0, 0, None,
-           "NVIDIA pytorch-quantization docs ('Quantization Aware Training': keep training the calibrated "
-           "model ~10% of the original schedule from 1% of the initial LR, cosine annealing; ranges stay as "
-           "calibrated, so calibrate first), NVIDIA's TensorRT QAT blog (SGD with momentum); Wu et al. 2020, "
-           "arXiv:2004.09602, Sec. 5 and App. A.2. They anneal to 1% of the start LR, qatlab to 0."),
-    Recipe("torchvision", 1e-3, 0.1, "sgd", 0.9, "constant", 0.0, 4, 3,
-           "torchvision references/classification/train_quantization.py + README (QAT MobileNetV2: lr 1e-4 "
-           "where float training uses 0.1, momentum 0.9, StepLR every 30 epochs = constant in a short run, "
-           "'converges at about 10 epochs' of 90; --num-observer-update-epochs 4, --num-batch-norm-update-"
-           "epochs 3). Its loop applies each freeze after epoch N, one epoch later than the flags' meaning."),
-    Recipe("krishnamoorthi", 0.01, 0.1, "sgd", 0.9, "constant", 0.0, None, 2,
-           "Krishnamoorthi 2018, arXiv:1806.08342, Sec. 3.2 and Sec. 4 'Training best practices': fine-tune "
-           "from the float checkpoint, keep moving-average ranges updating, freeze BN statistics after "
-           "sufficient training so training matches inference. The paper counts that delay in steps "
-           "(tf.contrib.quantize freeze_bn_delay, 200k by default); 2 epochs, 1% LR, 10% length are ours."),
-)}  # fmt: skip
-
-
-def recipe_kwargs(name: str, base_lr: float, base_epochs: int) -> dict[str, Any]:
-    """`fit` keyword arguments for recipe `name`, for a float model trained at `base_lr` for `base_epochs`.
-
-    lr = base_lr * lr_fraction, epochs = max(1, round(base_epochs * epochs_fraction)); warm-up and freezes
-    are clipped to `epochs` (where a freeze never fires: a short run never freezes earlier than published).
-
-    Example:
-        >>> kw = recipe_kwargs("nvidia", base_lr=0.1, base_epochs=100)
-        >>> round(kw["lr"], 6), kw["epochs"], kw["schedule"]
-        (0.001, 10, 'cosine')
-    """
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid names: {sorted(RECIPES)}")
-    _check_lr("base_lr", base_lr)
-    _check_int("base_epochs", base_epochs, 1)
-    r = RECIPES[name]
-    epochs = max(1, round(base_epochs * r.epochs_fraction))
-
-    def clip(k: int | None) -> int | None:
-        return None if k is None else min(k, epochs)
-
-    return {
-        "lr": base_lr * r.lr_fraction, "epochs": epochs, "optimizer": r.optimizer, "momentum": r.momentum,
-        "schedule": r.schedule, "warmup_epochs": min(r.warmup_epochs, float(epochs)),
-        "freeze_observer_epoch": clip(r.freeze_observer_epoch), "freeze_bn_epoch": clip(r.freeze_bn_epoch),
-    }  # fmt: skip

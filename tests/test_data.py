@@ -94,8 +94,18 @@ def test_digits_bad_arguments() -> None:
 def test_loaders_dispatch_and_unknown_name() -> None:
     train, _ = loaders("digits", batch_size=8, seed=0)
     assert next(iter(train))[0].shape == (8, 1, 8, 8)
-    with pytest.raises(ValueError, match=r"name='cifar10'.*fashion_mnist, digits"):
+    with pytest.raises(ValueError, match=r"dataset 'cifar10' is not a known data set; use 'auto' or one of"):
         loaders("cifar10")
+
+
+def test_auto_is_fashion_mnist_when_installed_else_digits(monkeypatch) -> None:
+    monkeypatch.setattr(data, "fashion_mnist_available", lambda root=None: False)
+    assert data.resolve_dataset("auto") == "digits"
+    train, _ = loaders(batch_size=8, seed=0)  # "auto" by default
+    assert next(iter(train))[0].shape == (8, 1, 8, 8)
+    monkeypatch.setattr(data, "fashion_mnist_available", lambda root=None: True)
+    assert data.resolve_dataset("auto") == "fashion_mnist"
+    assert data.resolve_dataset("digits") == "digits"
 
 
 # ---- Fashion-MNIST: errors (no data needed) ----------------------------------------------------------------

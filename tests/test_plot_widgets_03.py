@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qatlab import plot, widgets
+from qatlab import analysis, plot, widgets
 from qatlab.modules import fold_bn
 
 
@@ -89,7 +89,7 @@ def layers():
 
 def test_bn_fold_channel_stats(layers):
     weight, folded = layers["dw"]
-    st = widgets.bn_fold_channel_stats(weight, folded, bits=8)
+    st = analysis.bn_fold_channel_stats(weight, folded, bits=8)
     assert list(st.columns) == ["channel", "max_before", "max_after", "sqnr_per_tensor", "sqnr_per_channel"]
     np.testing.assert_allclose(st["max_after"], folded.abs().flatten(1).amax(1).numpy(), rtol=1e-6)
     # per-channel scales never lose to one shared scale, and the smallest folded channel suffers most
@@ -105,7 +105,7 @@ def test_update_bn_fold_changes_with_layer_and_bits(layers):
     assert not np.allclose(pt8, pt3)
     assert not np.allclose(_ydata(fig.axes[0])[0], _ydata(fig_layer.axes[0])[0])
     # the title (the explorer's text line) carries the bit width and the medians of the per-channel SQNRs
-    st = widgets.bn_fold_channel_stats(*layers["dw"], bits=3)
+    st = analysis.bn_fold_channel_stats(*layers["dw"], bits=3)
     title = fig_bits.get_suptitle()
     assert title.startswith("dw ") and " at 3 bits: " in title
     assert f"{st['sqnr_per_tensor'].median():.1f} dB per tensor" in title

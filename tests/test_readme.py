@@ -42,3 +42,29 @@ def test_readme_images_exist():
     for path in images:
         png = (README.parent / path).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_docs_links_resolve_and_readme_stays_short():
+    root = README.parent
+    assert len(README.read_bytes()) < 10_000  # the measured detail lives in docs/, linked from here
+    readme = README.read_text()
+    for page in ("docs/performance.md", "docs/results.md", "docs/findings.md"):
+        assert f"]({page}" in readme, page
+    for page in (README, root / "docs" / "performance.md", root / "docs" / "results.md"):
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+        links = re.findall(r"\]\(([^)\s]+)\)", text)
+        assert links, page
+        for link in links:
+            if re.match(r"[a-z]+:", link):  # http(s), mailto: not checked offline
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            assert target.is_file(), f"{page.name}: {link}"
+            if anchor and target.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name}: {link}"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import numpy as np
 import pandas as pd
@@ -15,7 +13,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader, TensorDataset
 
-from qatlab.train import HISTORY_COLUMNS, RECIPES, evaluate, fit, lr_at, recipe_kwargs
+from qatlab import train
+from qatlab.train import HISTORY_COLUMNS, evaluate, fit, lr_at
 
 BATCH = 64
 
@@ -132,10 +131,8 @@ def test_freeze_epochs_called_once_at_epoch_start(digits, monkeypatch):
         steps_done[0] += 1
         return nn.functional.cross_entropy(logits, y)
 
-    stub = types.ModuleType("qatlab.prepare")
-    stub.freeze_bn_stats = lambda m: calls.append(("bn", steps_done[0])) or m
-    stub.freeze_observers = lambda m: calls.append(("obs", steps_done[0])) or m
-    monkeypatch.setitem(sys.modules, "qatlab.prepare", stub)
+    monkeypatch.setattr(train, "freeze_bn_stats", lambda m: calls.append(("bn", steps_done[0])) or m)
+    monkeypatch.setattr(train, "freeze_observers", lambda m: calls.append(("obs", steps_done[0])) or m)
 
     history = fit(
         make_model(), train_loader, epochs=4, freeze_bn_epoch=2, freeze_observer_epoch=0,
@@ -238,37 +235,6 @@ def test_keyboard_interrupt_returns_finished_epochs(digits):
                       progress=False)  # fmt: skip
     assert list(history["epoch"]) == [1]
     assert list(history.columns) == list(HISTORY_COLUMNS)
-
-
-def test_recipe_kwargs_numbers():
-    kw = recipe_kwargs("nvidia", base_lr=0.1, base_epochs=100)
-    assert kw["lr"] == pytest.approx(1e-3) and kw["epochs"] == 10
-    assert (kw["schedule"], kw["optimizer"], kw["momentum"]) == ("cosine", "sgd", 0.9)
-    tv = recipe_kwargs("torchvision", base_lr=0.1, base_epochs=90)
-    assert tv["lr"] == pytest.approx(1e-4) and tv["epochs"] == 9
-    assert (tv["freeze_observer_epoch"], tv["freeze_bn_epoch"]) == (4, 3)
-    short = recipe_kwargs("torchvision", base_lr=0.1, base_epochs=20)  # 2 epochs: freezes clipped to 2
-    assert (short["epochs"], short["freeze_observer_epoch"], short["freeze_bn_epoch"]) == (2, 2, 2)
-    assert recipe_kwargs("krishnamoorthi", 0.1, 3)["epochs"] == 1  # never fewer than one epoch
-    assert set(RECIPES) == {"nvidia", "torchvision", "krishnamoorthi"}
-    assert all(r.source for r in RECIPES.values())
-
-
-def test_recipe_kwargs_feed_fit(digits, monkeypatch):
-    stub = types.ModuleType("qatlab.prepare")
-    stub.freeze_bn_stats = stub.freeze_observers = lambda m: m
-    monkeypatch.setitem(sys.modules, "qatlab.prepare", stub)
-    train_loader, _ = loaders(digits)
-    history = fit(make_model(), train_loader, **recipe_kwargs("nvidia", 1.0, 10), max_steps_per_epoch=2,
-                  progress=False)  # fmt: skip
-    assert len(history) == 1 and bool(history["observers_frozen"].iloc[0])
-
-
-def test_recipe_kwargs_unknown_name():
-    with pytest.raises(
-        ValueError, match=r"unknown recipe 'google'; valid names: \['krishnamoorthi', 'nvidia'"
-    ):
-        recipe_kwargs("google", 0.1, 100)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
