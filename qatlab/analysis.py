@@ -144,3 +144,51 @@ def bn_fold_channel_stats(weight, folded, bits: int = 8):
             "sqnr_per_channel": [sqnr(folded[c], quantized[True][c]) for c in channels],
         }
     )
+
+
+def ste_curves(x, scale: float, zero_point: int, spec) -> pd.DataFrame:
+    """Forward and backward pass of ``fake_quant`` at every value of ``x``, one row per value.
+
+    The gradients are what autograd returns through :func:`qatlab.fake_quant` with ``spec.ste``, read per
+    element: the scale is repeated once per value (a per-channel scale, one "channel" per value), so
+    ``d out_i / d S`` comes back for each ``x_i`` unsummed, with LSQ's gradient factor set to 1.
+
+    Columns: ``x``; ``fake_quant`` (the staircase); ``error`` (``x - fake_quant``); ``grad_x`` (the STE's
+    ``d out / d x``); ``grad_scale`` (``d out / d S``; NaN when the STE leaves S fixed); ``grad_alpha``
+    (PACT only: ``d out / d alpha`` with ``alpha = S (qmax - Z)``; else NaN); ``grad_round_x`` and
+    ``grad_round_scale``: the same quantizer written with ``torch.round`` and differentiated by autograd,
+    no STE.
+
+    Example:
+        >>> from qatlab import QuantSpec
+        >>> import torch
+        >>> ste_curves(torch.linspace(-1, 1, 5), 0.25, 0, QuantSpec(bits=4, symmetric=True)).grad_x.tolist()
+        [1.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    x = torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1)
+    n, z0 = x.numel(), int(zero_point)
+    xg = x.clone().requires_grad_(True)
+    s = torch.full((n,), float(scale), requires_grad=True)
+    z = torch.full((n,), z0, dtype=torch.int32)
+    y = fake_quant(xg, s, z, spec.with_(per_channel=True, ch_axis=0), grad_factor=1.0)
+    y.sum().backward()
+    nan = torch.full((n,), float("nan"))
+    grad_scale = s.grad if s.grad is not None else nan
+    grad_alpha = grad_scale / (spec.qmax - z0) if spec.ste == "pact" and spec.qmax > z0 else nan
+    # The same quantizer written with torch.round, and autograd's own derivative of it (round' = 0).
+    xr = x.clone().requires_grad_(True)
+    sr = torch.full((n,), float(scale), requires_grad=True)
+    code = torch.clamp(torch.round(xr / sr) + z0, spec.qmin, spec.qmax)
+    (sr * (code - z0)).sum().backward()
+    return pd.DataFrame(
+        {
+            "x": x.numpy(),
+            "fake_quant": y.detach().numpy(),
+            "error": (x - y.detach()).numpy(),
+            "grad_x": xg.grad.numpy(),
+            "grad_scale": grad_scale.detach().numpy(),
+            "grad_alpha": grad_alpha.detach().numpy(),
+            "grad_round_x": xr.grad.numpy(),
+            "grad_round_scale": sr.grad.numpy(),
+        }
+    )

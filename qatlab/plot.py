@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from qatlab import analysis
+
 
 def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5), **kw):
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
@@ -32,55 +34,6 @@ _STE_TITLES = {
 }
 
 
-def ste_curves(x, scale: float, zero_point: int, spec) -> pd.DataFrame:
-    """Forward and backward pass of ``fake_quant`` at every value of ``x``, one row per value.
-
-    The gradients are what autograd returns through :func:`qatlab.fake_quant` with ``spec.ste``, read per
-    element: the scale is repeated once per value (a per-channel scale, one "channel" per value), so
-    ``d out_i / d S`` comes back for each ``x_i`` unsummed, with LSQ's gradient factor set to 1.
-
-    Columns: ``x``; ``fake_quant`` (the staircase); ``error`` (``x - fake_quant``); ``grad_x`` (the STE's
-    ``d out / d x``); ``grad_scale`` (``d out / d S``; NaN when the STE leaves S fixed); ``grad_alpha``
-    (PACT only: ``d out / d alpha`` with ``alpha = S (qmax - Z)``; else NaN); ``grad_round_x`` and
-    ``grad_round_scale``: the same quantizer written with ``torch.round`` and differentiated by autograd,
-    no STE.
-
-    Example:
-        >>> from qatlab import QuantSpec
-        >>> ste_curves(torch.linspace(-1, 1, 5), 0.25, 0, QuantSpec(bits=4, symmetric=True)).grad_x.tolist()
-        [1.0, 1.0, 1.0, 1.0, 1.0]
-    """
-    from qatlab.quant import fake_quant
-
-    x = torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1)
-    n, z0 = x.numel(), int(zero_point)
-    xg = x.clone().requires_grad_(True)
-    s = torch.full((n,), float(scale), requires_grad=True)
-    z = torch.full((n,), z0, dtype=torch.int32)
-    y = fake_quant(xg, s, z, spec.with_(per_channel=True, ch_axis=0), grad_factor=1.0)
-    y.sum().backward()
-    nan = torch.full((n,), float("nan"))
-    grad_scale = s.grad if s.grad is not None else nan
-    grad_alpha = grad_scale / (spec.qmax - z0) if spec.ste == "pact" and spec.qmax > z0 else nan
-    # The same quantizer written with torch.round, and autograd's own derivative of it (round' = 0).
-    xr = x.clone().requires_grad_(True)
-    sr = torch.full((n,), float(scale), requires_grad=True)
-    code = torch.clamp(torch.round(xr / sr) + z0, spec.qmin, spec.qmax)
-    (sr * (code - z0)).sum().backward()
-    return pd.DataFrame(
-        {
-            "x": x.numpy(),
-            "fake_quant": y.detach().numpy(),
-            "error": (x - y.detach()).numpy(),
-            "grad_x": xg.grad.numpy(),
-            "grad_scale": grad_scale.detach().numpy(),
-            "grad_alpha": grad_alpha.detach().numpy(),
-            "grad_round_x": xr.grad.numpy(),
-            "grad_round_scale": sr.grad.numpy(),
-        }
-    )
-
-
 def _grid_range(scale: float, zero_point: int, spec) -> tuple[float, float]:
     """The real values of the smallest and largest code: ``S (qmin - Z)``, ``S (qmax - Z)``."""
     return scale * (spec.qmin - zero_point), scale * (spec.qmax - zero_point)
@@ -95,7 +48,7 @@ def plot_fake_quant(x, scale: float, zero_point: int, spec, gradients: bool = Tr
     ``d out / d alpha`` (PACT; line 0), empty with a note when the STE leaves S fixed. The shaded band is
     the grid's range ``[S (qmin - Z), S (qmax - Z)]``.
     """
-    df = ste_curves(x, scale, zero_point, spec)
+    df = analysis.ste_curves(x, scale, zero_point, spec)
     lo, hi = _grid_range(scale, zero_point, spec)
     fig, axes = _new(2 if gradients else 1, 2, size=(5.2, 3.2))
     ax = axes[0, 0]
@@ -150,7 +103,7 @@ def plot_ste(x, scale: float, zero_point: int, spec, rows: tuple[str, ...] = STE
     fig = plt.figure(figsize=(10.5, 1.6 * (len(rows) + 1.4)))
     mosaic = [["fwd", "fwd"]] + [[f"{r}_x", f"{r}_p"] for r in rows]
     axd = fig.subplot_mosaic(mosaic, height_ratios=[1.4] + [1.0] * len(rows))
-    base = ste_curves(x, scale, zero_point, spec.with_(ste="clipped"))
+    base = analysis.ste_curves(x, scale, zero_point, spec.with_(ste="clipped"))
     lo, hi = _grid_range(scale, zero_point, spec)
     ax = axd["fwd"]
     ax.plot(base.x, base.fake_quant, color="tab:blue", lw=1.6, label="forward: fake_quant(x), every row")
@@ -161,7 +114,7 @@ def plot_ste(x, scale: float, zero_point: int, spec, rows: tuple[str, ...] = STE
     )
     ax.legend(loc="upper left", fontsize=8)
     for r in rows:
-        df = base if r == "round" else ste_curves(x, scale, zero_point, spec.with_(ste=r))
+        df = base if r == "round" else analysis.ste_curves(x, scale, zero_point, spec.with_(ste=r))
         ax_x, ax_p = axd[f"{r}_x"], axd[f"{r}_p"]
         gx = df.grad_round_x if r == "round" else df.grad_x
         ax_x.plot(df.x, gx, color="tab:red" if r == "round" else "tab:purple", lw=1.4, drawstyle="steps-mid")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qatlab import QuantSpec, fake_quant, plot, widgets
+from qatlab import QuantSpec, analysis, fake_quant, plot, widgets
 
 S, Z = 0.25, 2
 SPEC = QuantSpec(bits=3, symmetric=False)  # codes 0..7: grid [-0.5, 1.25]
@@ -43,7 +43,7 @@ def _xdata(fig, ax, line=0):
 
 
 def test_ste_curves_forward_is_fake_quant_and_round_has_zero_gradient():
-    df = plot.ste_curves(X, S, Z, SPEC)
+    df = analysis.ste_curves(X, S, Z, SPEC)
     assert isinstance(df, pd.DataFrame) and len(df) == X.numel()
     assert np.array_equal(df.fake_quant.values, _fq(X).numpy())
     assert np.allclose(df.error.values, X.numpy() - df.fake_quant.values)
@@ -55,7 +55,7 @@ def test_ste_curves_forward_is_fake_quant_and_round_has_zero_gradient():
 
 @pytest.mark.parametrize("ste", ["clipped", "identity", "lsq", "pact"])
 def test_ste_curves_gradients_are_the_estimators(ste):
-    df = plot.ste_curves(X, S, Z, SPEC.with_(ste=ste))
+    df = analysis.ste_curves(X, S, Z, SPEC.with_(ste=ste))
     x, code = X.numpy(), _code(X)
     in_code = (code >= SPEC.qmin) & (code <= SPEC.qmax)
     alpha = S * (SPEC.qmax - Z)
@@ -81,7 +81,7 @@ def test_ste_curves_gradients_are_the_estimators(ste):
 
 def test_ste_curves_per_value_scale_gradients_sum_to_the_per_tensor_gradient():
     spec = SPEC.with_(ste="lsq")
-    df = plot.ste_curves(X, S, Z, spec)
+    df = analysis.ste_curves(X, S, Z, spec)
     s = torch.tensor([S], requires_grad=True)
     fake_quant(X, s, torch.tensor([Z]), spec, grad_factor=1.0).sum().backward()
     assert s.grad.item() == pytest.approx(df.grad_scale.sum(), rel=1e-5)
@@ -99,14 +99,14 @@ def test_plot_fake_quant_lines_are_staircase_error_and_gradients():
     assert np.array_equal(_ydata(fig, 0, 0), _fq(xs).numpy().astype(np.float64))
     assert np.allclose(_ydata(fig, 0, 1), xs)  # identity reference
     assert np.allclose(_ydata(fig, 1), xs - _fq(xs).numpy(), atol=1e-6)
-    df = plot.ste_curves(X, S, Z, spec)
+    df = analysis.ste_curves(X, S, Z, spec)
     assert np.array_equal(_ydata(fig, 2), df.grad_x.values)
     assert np.allclose(_ydata(fig, 3), df.grad_scale.values)
 
 
 def test_plot_fake_quant_pact_clipped_and_no_gradients():
     fig = plot.plot_fake_quant(X, S, Z, SPEC.with_(ste="pact"))
-    assert np.allclose(_ydata(fig, 3), plot.ste_curves(X, S, Z, SPEC.with_(ste="pact")).grad_alpha.values)
+    assert np.allclose(_ydata(fig, 3), analysis.ste_curves(X, S, Z, SPEC.with_(ste="pact")).grad_alpha.values)
     fig = plot.plot_fake_quant(X, S, Z, SPEC)  # clipped: S is fixed, nothing drawn for d/dS
     assert len(fig.axes[3].lines) == 0
     fig = plot.plot_fake_quant(X, S, Z, SPEC, gradients=False)
@@ -133,7 +133,7 @@ def test_plot_ste_rows_show_each_estimators_gradient():
         assert np.array_equal(_ydata(fig, ax_x), expected_dx[r]), r
         if r in ("clipped", "identity"):
             assert len(fig.axes[ax_p].lines) == 0, r
-    lsq = plot.ste_curves(X, S, Z, SPEC.with_(ste="lsq"))
+    lsq = analysis.ste_curves(X, S, Z, SPEC.with_(ste="lsq"))
     assert np.allclose(_ydata(fig, 2 + 2 * rows.index("lsq")), lsq.grad_scale.values)
     pact = _ydata(fig, 2 + 2 * rows.index("pact"))
     assert (pact[x >= alpha] == 1).all() and (pact[(x >= S * (SPEC.qmin - Z)) & (x < alpha)] == 0).all()
