@@ -300,12 +300,9 @@ def load_tweets(test_size: int = 500, train_size: int | None = None, seed: int =
 _LOADERS = {"fashion_mnist": fashion_mnist_loaders, "digits": digits_loaders}
 
 
-DATASETS = ("fashion_mnist", "digits")
-
-
 def resolve_dataset(name: str = "auto") -> str:
     """``"auto"`` -> ``"fashion_mnist"`` when its files are installed, else ``"digits"`` (the fallback that needs
-    nothing); any other name is checked against :data:`DATASETS` and returned."""
+    nothing); any other name is checked against the known data sets and returned."""
     if name == "auto":
         return "fashion_mnist" if fashion_mnist_available() else "digits"
     if name not in _LOADERS:

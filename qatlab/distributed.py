@@ -228,8 +228,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
             row["train_loss"], row["train_acc"] = (t / world).tolist()
         if rank == 0:
             history.append(dict(row))
-            qat = getattr(_model, "module", _model)  # the QAT model inside DDP
-            save_atomic({"qat_state_dict": qat.state_dict(), "history": history, "config": asdict(cfg)},
+            inner = getattr(_model, "module", _model)  # the QAT model inside DDP
+            save_atomic({"qat_state_dict": inner.state_dict(), "history": history, "config": asdict(cfg)},
                         out / "checkpoint.pt")  # fmt: skip
             write_atomic(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
 

@@ -180,7 +180,7 @@ def qat_run(
 ) -> dict[str, Any]:
     """One QAT run: prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, evaluate.
 
-    Every QAT run of the lab goes through here: the notebooks' sweeps, :func:`qatlab.ablate.digits_qat_run`,
+    The lab's QAT runs go through here: the notebooks' sweeps, :func:`qatlab.ablate.digits_qat_run`,
     :func:`qatlab.reproduce.run` and :func:`qatlab.distributed.run`.
 
     ``steps`` optimizer steps per epoch (None: the whole loader) for ``epochs`` epochs. ``calibrated=False``

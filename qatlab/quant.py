@@ -171,13 +171,11 @@ def ste_grads(
         # PACT clips x itself: the gradient goes to alpha = S * (qmax - Z) for every x >= alpha.
         q = x_over_s + z
         below, above = q < quant_min, q >= quant_max
-        inside = ~(below | above)
-        grad_x = grad * inside
-    else:  # lsq: d/dx is the clipped STE's
+    else:  # lsq: d/dx is the clipped STE's, on the codes computed here once for both gradients
         q = torch.round(x_over_s) + z
         below, above = q < quant_min, q > quant_max
-        inside = ~(below | above)
-        grad_x = clipped_ste(grad, x, inv_s, z, quant_min, quant_max)
+    inside = ~(below | above)
+    grad_x = grad * inside
     if not scale_grad:
         return grad_x, None
     # d x_hat / d S: (qmin - Z) below the range, (qmax - Z) above it; inside, LSQ keeps the rounding

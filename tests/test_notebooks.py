@@ -1,6 +1,7 @@
 """Every notebook runs in fast mode with its asserts passing; committed notebooks carry no outputs."""
 
 import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -13,7 +14,8 @@ from qatlab.runner import run_notebook
 _QATLAB_MODULES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "qatlab").glob("[a-z]*.py"))
 
 
-def _package_functions() -> set[str]:
+@functools.cache
+def _package_functions() -> frozenset[str]:
     """Every public function and class name defined in a qatlab module."""
     names = set()
     for stem in _QATLAB_MODULES:
@@ -25,7 +27,7 @@ def _package_functions() -> set[str]:
                 and callable(obj)
             ):
                 names.add(name)
-    return names
+    return frozenset(names)
 
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
