@@ -40,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from qatlab.config import write_atomic
+from qatlab.files import write_atomic
 
 RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
 RESERVED = ("seed", "seconds", "key")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qatlab.config import build_dir, write_atomic
+from qatlab.files import build_dir, write_atomic
 
 
 class ClaimNotReproduced(AssertionError):

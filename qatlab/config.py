@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "dynamic")
 STES = ("clipped", "identity", "lsq", "pact")
@@ -27,37 +26,6 @@ MIN_BITS, MAX_BITS = 2, 16
 def fast() -> bool:
     """True when the environment asks for fast mode (``QATLAB_FAST=1``): small data, short loops."""
     return os.environ.get("QATLAB_FAST", "0").strip().lower() in ("1", "true", "yes")
-
-
-def build_dir() -> Path:
-    """Where results go: ``$QATLAB_BUILD`` (set by ``make run``), else ``./build``; created if missing."""
-    path = Path(os.environ.get("QATLAB_BUILD", "build"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename: a reader (or a run killed midway) never
-    sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def save_atomic(obj: object, path: str | os.PathLike) -> Path:
-    """``torch.save`` with the same temporary-file-and-rename guarantee as :func:`write_atomic`."""
-    import torch
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

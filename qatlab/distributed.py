@@ -35,10 +35,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from qatlab.config import QATConfig, save_atomic, write_atomic
+from qatlab.config import QATConfig
 from qatlab.data import loaders, resolve_dataset
 from qatlab.experiments import qat_run
 from qatlab.export import export_onnx, verify_onnx
+from qatlab.files import save_atomic, write_atomic
 from qatlab.models import build_model
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
 from qatlab.prepare import prepare_qat

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab import saturation
-from qatlab.config import build_dir
+from qatlab.files import atomic, build_dir
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear
 from qatlab.prepare import convert, quantizers
 
@@ -223,7 +223,7 @@ def export_onnx(
             custom_translation_table=_onnx_translation(),
             verbose=False,
         )
-    _save_atomic(program, path)
+    atomic(path, lambda tmp: program.save(str(tmp)))
     onnx.checker.check_model(str(path), full_check=True)
     _warn_if_saturates(path)
     return path
@@ -642,15 +642,8 @@ def export_float_onnx(
             input_names=["input"],
             output_names=["output"],
         )
-    _save_atomic(program, path)
+    atomic(path, lambda tmp: program.save(str(tmp)))
     return path
-
-
-def _save_atomic(program, path: Path) -> None:
-    """Save an ONNX program through a temporary file and a rename: never a half-written file at ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    program.save(str(tmp))
-    os.replace(tmp, path)
 
 
 def time_ort(

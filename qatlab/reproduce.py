@@ -33,10 +33,11 @@ import torch
 
 from qatlab import zoo
 from qatlab.ablate import ablate, grid_runs, run_key
-from qatlab.config import QATConfig, QuantSpec, build_dir, fast, write_atomic
+from qatlab.config import QATConfig, QuantSpec, fast
 from qatlab.data import reseed
 from qatlab.dynamics import record
 from qatlab.experiments import one_thread, qat_run
+from qatlab.files import build_dir, write_atomic
 from qatlab.findings import FINDINGS, Finding, margin  # noqa: F401 - margin: part of the API
 from qatlab.prepare import ptq, quantizers, reestimate_bn
 from qatlab.saturation import cpu_int8

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatlab.config import write_atomic
+from qatlab.files import write_atomic
 
 
 @dataclass

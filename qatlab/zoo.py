@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatlab.config import build_dir, fast, save_atomic, write_atomic
+from qatlab.config import fast
 from qatlab.data import loaders, resolve_dataset
+from qatlab.files import build_dir, save_atomic, write_atomic
 from qatlab.models import MobileNetV2, build_model
 from qatlab.train import evaluate, fit
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from qatlab.config import write_atomic
+from qatlab.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -68,3 +68,12 @@ def test_readme_and_docs_links_resolve_and_readme_stays_short():
             if anchor and target.suffix == ".md":
                 headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
                 assert anchor in {_slug(h) for h in headings}, f"{page.name}: {link}"
+
+
+def test_where_things_live_matches_the_tree():
+    section = README.read_text().split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`((?:qatlab|tests|config|bench)/[^`]*)`", section))
+    for path in listed:
+        assert (README.parent / path).exists(), f"README lists {path}, which is not in the tree"
+    modules = {f"qatlab/{p.name}" for p in (README.parent / "qatlab").glob("*.py") if p.name != "__init__.py"}
+    assert modules - listed == set(), "modules missing from README's 'Where things live'"
