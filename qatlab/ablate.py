@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 
+from qatlab.config import progress_bar
 from qatlab.files import write_atomic
 
 RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
@@ -145,8 +146,6 @@ def ablate(
     Raises:
         RuntimeError: when runs failed; the finished ones are saved, and calling again retries only the rest.
     """
-    from tqdm.auto import tqdm
-
     runs = grid_runs(grid, seeds)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -157,8 +156,10 @@ def ablate(
         rec = {"config": config, "seed": seed, **result}
         write_atomic(out / "runs" / f"{run_key(config, seed)}.json", json.dumps(rec, default=float))
 
-    bar = tqdm(total=len(pending), desc=f"ablate ({len(runs) - len(pending)} of {len(runs)} done before)",
-               disable=not progress)  # fmt: skip
+    done_before = len(runs) - len(pending)
+    bar = progress_bar(
+        total=len(pending), desc=f"ablate ({done_before} of {len(runs)} done before)", progress=progress
+    )
     cpus = os.cpu_count() or 1
     try:
         if executor is None and (workers == 1 or len(pending) <= 1):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "dynamic")
 STES = ("clipped", "identity", "lsq", "pact")
@@ -26,6 +27,21 @@ MIN_BITS, MAX_BITS = 2, 16
 def fast() -> bool:
     """True when the environment asks for fast mode (``QATLAB_FAST=1``): small data, short loops."""
     return os.environ.get("QATLAB_FAST", "0").strip().lower() in ("1", "true", "yes")
+
+
+def progress_bar(iterable: Any = None, *, progress: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar (a widget in Jupyter, text in a terminal); hidden with ``progress=False`` or ``TQDM_DISABLE=1``.
+
+    ``make run`` sets ``TQDM_DISABLE=1`` (and ``HF_HUB_DISABLE_PROGRESS_BARS=1`` for the transformers library)
+    in the kernels it runs, so the saved notebooks hold results, not bars frozen at 0%. The variable is read here
+    because tqdm's notebook bar ignores it.
+    """
+    from tqdm.auto import (
+        tqdm,
+    )  # here, not at the top: the ablation CLI imports this module before it needs tqdm
+
+    off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+    return tqdm(iterable, disable=off, **kwargs)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

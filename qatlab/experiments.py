@@ -17,9 +17,8 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from qatlab.config import QATConfig
+from qatlab.config import QATConfig, progress_bar
 from qatlab.data import reseed
 from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare_qat, ptq, quantizers
 from qatlab.quant import sqnr
@@ -55,7 +54,7 @@ def ptq_sweep(
     """
     ref, y = _logits(model.to(device), test_loader, device)
     rows = []
-    for label, cfg in tqdm(configs.items(), desc="PTQ sweep", disable=not progress, leave=False):
+    for label, cfg in progress_bar(configs.items(), desc="PTQ sweep", progress=progress, leave=False):
         reseed(calib_loader, calib_seed)
         q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
         out, _ = _logits(q, test_loader, device)
@@ -117,7 +116,7 @@ def layer_sensitivity(
                       num_batches=calib_batches, device=device)  # fmt: skip
     calibrated = dict(quantizers(every))
     rows = []
-    for name in tqdm(layers, desc="one layer at a time", disable=not progress, leave=False):
+    for name in progress_bar(layers, desc="one layer at a time", progress=progress, leave=False):
         cfg = replace(config, keep=tuple(n for n in names if n != name), keep_bits=None)
         q = prepare_qat(model, cfg).to(device)
         own = dict(quantizers(q))

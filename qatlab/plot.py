@@ -3,6 +3,10 @@
 Each function takes data (tensors, DataFrames) and returns the ``matplotlib.figure.Figure`` it drew, so a
 notebook shows it, a widget redraws it, and a test reads its data (``fig.axes[i].lines[j].get_ydata()``).
 Sections follow the notebooks.
+
+Conventions every figure follows (helpers below; ``tests/test_plot_conventions.py`` checks them): integer ticks
+on bit and epoch axes; axis labels in words, not column names; dots, not bars, wherever the value axis does not
+start at 0; legends outside the data; past 8 groups, a distinct colour *and* line style per group.
 """
 
 from __future__ import annotations
@@ -19,6 +23,57 @@ from qatlab import analysis
 def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 3.5), **kw):
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
     return fig, axes
+
+
+# ---- the conventions ----------------------------------------------------------------------------------------
+
+# Column names as a reader says them; a name not listed loses its underscores.
+WORDS = {
+    "w_bits": "weight bits",
+    "a_bits": "activation bits",
+    "acc": "test accuracy",
+    "val_acc": "test accuracy",
+    "train_acc": "training accuracy",
+    "train_loss": "training loss",
+    "val_loss": "test loss",
+    "sqnr_db": "SQNR (dB)",
+    "step": "QAT step",
+}
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def words(name: str) -> str:
+    """The axis label for column ``name``: ``"w_bits"`` -> ``"weight bits"``."""
+    return WORDS.get(name, name.replace("_", " "))
+
+
+def integer_ticks(ax, values, axis: str = "x") -> None:
+    """Ticks only at integers on an axis of whole numbers (bits, epochs): at each value when there are at most
+    12 of them, else wherever matplotlib puts integer ticks. Other axes are left alone."""
+    from matplotlib.ticker import MaxNLocator
+
+    v = np.unique(np.asarray(values, dtype=float))
+    if not (len(v) and np.all(np.isfinite(v)) and np.all(v == np.round(v))):
+        return
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if len(v) <= 12:
+        (ax.set_xticks if axis == "x" else ax.set_yticks)(v, [str(int(t)) for t in v])
+    else:
+        target.set_major_locator(MaxNLocator(integer=True))
+
+
+def group_styles(n: int) -> list[tuple[str, str]]:
+    """(colour, line style) for ``n`` groups: solid lines in 8 colours up to 8 groups, then every pair of
+    colour and style distinct (8 colours x 4 styles)."""
+    if n > 8 * len(LINESTYLES):
+        raise ValueError(f"n={n} groups is more than a figure can tell apart; split the figure (at most 32)")
+    return [(f"C{k % 8}", LINESTYLES[k // 8] if n > 8 else "-") for k in range(n)]
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, where it hides no data."""
+    kwargs.setdefault("fontsize", 8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
 # ---- 01 fake quantization and the STE ---------------------------------------------------------------------
@@ -290,21 +345,57 @@ def pair_sums(tables: dict[str, pd.DataFrame], title: str = "") -> Figure:
     return fig
 
 
+def requantization(
+    acc: np.ndarray, multiplier: np.ndarray, y_range: tuple[int, int] = (0, 255), title: str = ""
+) -> Figure:
+    """Histogram of one layer's int32 accumulators times their channel's multiplier ``M``: where each output
+    lands on the output grid before the clamp. Left of 0 the clamp is the ReLU; right of the grid's top the
+    output saturates. The shares of each are in the legend."""
+    scaled = (np.asarray(acc, np.float64) * np.asarray(multiplier, np.float64).reshape(1, -1, 1, 1)).reshape(
+        -1
+    )
+    lo, hi = y_range
+    fig, axes = _new(size=(6.5, 3.2))
+    ax = axes[0][0]
+    below, above = float((scaled < lo - 0.5).mean()), float((scaled > hi + 0.5).mean())
+    ax.hist(scaled, bins=120, color="C0", alpha=0.8)
+    ax.axvspan(scaled.min(), lo - 0.5, color="0.85", zorder=0, label=f"clamped to {lo} (ReLU): {below:.0%}")
+    if scaled.max() > hi + 0.5:
+        ax.axvspan(hi + 0.5, scaled.max(), color="C3", alpha=0.2, zorder=0, label=f"above {hi}: {above:.2%}")
+    ax.axvline(hi + 0.5, color="C3", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("accumulator x M (output codes, before rounding and clamping)")
+    ax.set_ylabel("outputs (log)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def grouped_bars(
     df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", ylabel: str | None = None
 ) -> Figure:
-    """Bars of ``y`` per ``x`` category, one colour per ``hue`` value (e.g. SQNR per layer per config)."""
+    """Bars of ``y`` per ``x`` category, one colour per ``hue`` value (e.g. SQNR per layer per config). A
+    category shows only the hues it has, centred on its tick (no empty slots); the value axis starts at 0."""
     table = df.pivot_table(index=x, columns=hue, values=y, sort=False)
     fig, axes = _new(1, 1, size=(max(6.0, 0.9 * len(table)), 3.5))
     ax = axes[0][0]
     width = 0.8 / max(len(table.columns), 1)
-    pos = np.arange(len(table))
+    present = table.notna().to_numpy()
     for k, col in enumerate(table.columns):
-        ax.bar(pos + k * width, table[col].to_numpy(), width, label=str(col))
-    ax.set_xticks(pos + width * (len(table.columns) - 1) / 2, table.index, rotation=30, ha="right")
-    ax.set_ylabel(ylabel or y)
+        xs, hs = [], []
+        for i, row in enumerate(present):
+            if row[k]:
+                slot = int(row[:k].sum())  # this hue's place among the hues the category has
+                xs.append(i + (slot - (row.sum() - 1) / 2) * width)
+                hs.append(table.iloc[i, k])
+        ax.bar(xs, hs, width, color=f"C{k % 10}", label=str(col))
+    ax.set_xticks(np.arange(len(table)), table.index, rotation=30, ha="right")
+    ax.set_ylim(bottom=min(0.0, float(np.nanmin(table.to_numpy()))))
+    ax.set_ylabel(ylabel or words(y))
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
@@ -319,23 +410,42 @@ def metric_lines(
     reference_label: str = "FP32",
     ylabel: str | None = None,
     err: str | None = None,
+    style: str | None = None,
+    xlabel: str | None = None,
+    symlog: float | None = None,
 ) -> Figure:
-    """One line of ``y`` against ``x`` per ``hue`` value, optional error bars (column ``err``) and a
-    horizontal reference line (e.g. the float accuracy)."""
-    fig, axes = _new(1, 1, size=(6.5, 3.8))
+    """One line of ``y`` against ``x`` per ``hue`` value (its colour); ``style``, a second column, picks the line
+    style (e.g. colour = observer, style = granularity). Optional error bars (column ``err``) and a horizontal
+    reference line (e.g. the float accuracy). Integer ``x`` (bits, epochs) gets integer ticks. ``symlog``: a
+    symmetric log y axis, linear within +-``symlog`` (spreads lines that crowd near 0, keeps negatives)."""
+    fig, axes = _new(1, 1, size=(7.0, 3.8))
     ax = axes[0][0]
-    for label, part in df.groupby(hue, sort=False):
+    keys = [hue] if style is None else [hue, style]
+    groups = list(df.groupby(keys, sort=False))
+    if style is None:
+        styles = group_styles(len(groups))
+    else:
+        colours = {h: f"C{k % 10}" for k, h in enumerate(dict.fromkeys(df[hue]))}
+        lines = {s_: LINESTYLES[k % len(LINESTYLES)] for k, s_ in enumerate(dict.fromkeys(df[style]))}
+        styles = [(colours[key[0]], lines[key[1]]) for key, _ in groups]
+    for (key, part), (colour, ls) in zip(groups, styles, strict=True):
         part = part.sort_values(x)
         yerr = part[err].to_numpy() if err else None
+        label = ", ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         ax.errorbar(
-            part[x].to_numpy(), part[y].to_numpy(), yerr=yerr, marker="o", capsize=3, label=str(label)
-        )
+            part[x].to_numpy(), part[y].to_numpy(), yerr=yerr, marker="o", capsize=3, color=colour, ls=ls,
+            label=label,
+        )  # fmt: skip
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel or y)
+    if symlog is not None:
+        ax.set_yscale("symlog", linthresh=symlog)
+    integer_ticks(ax, df[x])
+    ax.set_xlabel(xlabel or words(x))
+    ax.set_ylabel(ylabel or words(y))
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
@@ -394,11 +504,13 @@ def bn_layer_stats(df: pd.DataFrame, title: str = "") -> Figure:
     """Layer by layer (rows of ``df`` in execution order), shaded by layer kind.
 
     Top: the spread of per-channel ranges (max/min of the per-channel max|w|) before and after folding
-    (columns ``spread_before``, ``spread_after``; log scale). Bottom: SQNR (dB) of the folded weight quantized
-    per tensor and per channel (columns ``sqnr_per_tensor``, ``sqnr_per_channel``). Column ``kind`` colours
-    the background ("depthwise", "pointwise", "full").
+    (columns ``spread_before``, ``spread_after``; log scale). Column ``kind`` colours the background
+    ("depthwise", "pointwise", "full"). Bottom: 8-bit SQNR (dB) of the folded weight quantized
+    per tensor and per channel (columns ``sqnr_per_tensor``, ``sqnr_per_channel``), and, when the column
+    ``sqnr_per_tensor_unfolded`` is there, the unfolded weight per tensor as a dashed reference.
 
-    Lines in order: ``axes[0].lines`` = spread before, after; ``axes[1].lines`` = per tensor, per channel.
+    Lines in order: ``axes[0].lines`` = spread before, after; ``axes[1].lines`` = per tensor, per channel[,
+    per tensor before folding].
     """
     x = np.arange(len(df))
     fig, axes = _new(2, 1, size=(10.0, 2.8), sharex=True)
@@ -413,14 +525,17 @@ def bn_layer_stats(df: pd.DataFrame, title: str = "") -> Figure:
     ax.set_title(title or "range spread across output channels")
     ax_q.plot(x, df["sqnr_per_tensor"].to_numpy(float), "o-", color="C1", ms=3, lw=1, label="per tensor")
     ax_q.plot(x, df["sqnr_per_channel"].to_numpy(float), "o-", color="C0", ms=3, lw=1, label="per channel")
-    ax_q.set_ylabel("SQNR of folded weight (dB)")
+    if "sqnr_per_tensor_unfolded" in df:  # the reference: the conv weight before folding, per tensor
+        ax_q.plot(x, df["sqnr_per_tensor_unfolded"].to_numpy(float), "--", color="0.55", lw=1,
+                  label="per tensor, before folding")  # fmt: skip
+    ax_q.set_ylabel("8-bit weight SQNR (dB)")
     ax_q.set_xlabel("conv layer (execution order)")
     from matplotlib.patches import Patch
 
     kinds = [k for k in BN_KIND_COLORS if k in set(df["kind"])]
     patches = [Patch(color=BN_KIND_COLORS[k], alpha=0.3, label=k) for k in kinds]
-    ax.legend(handles=ax.get_lines() + patches, fontsize=8, ncol=2, loc="upper left")
-    ax_q.legend(fontsize=8, loc="lower left")
+    legend_outside(ax, handles=ax.get_lines() + patches)  # outside: a spike of one layer stays visible
+    legend_outside(ax_q)
     fig.tight_layout()
     return fig
 
@@ -449,31 +564,28 @@ def bn_batch_curves(df: pd.DataFrame, x: str = "images", title: str = "") -> Fig
 # ---- 04 PTQ vs QAT -----------------------------------------------------------------------------------------
 
 
-def hypothesis_bars(df: pd.DataFrame, title: str = "", reference: float | None = None) -> Figure:
-    """Each hypothesis (column ``hypothesis``) as a pair of bars, one per arm (``arm``): mean ``acc`` over
-    seeds with a +-1 std error bar, and each seed as a dot."""
+def hypothesis_dots(df: pd.DataFrame, title: str = "", reference: float | None = None) -> Figure:
+    """Each hypothesis (column ``hypothesis``) as one panel, one column of dots per arm (``arm``): each seed's
+    ``acc`` a small dot, the mean over seeds a diamond with a +-1 standard deviation bar (ddof=1). Dots, not bars:
+    the accuracy axis zooms to the values and does not start at 0."""
     hyps = list(dict.fromkeys(df["hypothesis"]))
     fig, axes = _new(1, len(hyps), size=(2.6, 3.4), sharey=True)
     for ax, hyp in zip(axes[0], hyps, strict=True):
         part = df[df["hypothesis"] == hyp]
         arms = list(dict.fromkeys(part["arm"]))
         for k, arm in enumerate(arms):
-            accs = part.loc[part["arm"] == arm, "acc"].to_numpy()
-            ax.bar(
-                k,
-                accs.mean(),
-                yerr=accs.std() if len(accs) > 1 else None,
-                capsize=4,
-                color=f"C{k}",
-                alpha=0.7,
-            )
-            ax.plot(np.full(len(accs), k), accs, "k.", ms=5)
+            accs = part.loc[part["arm"] == arm, "acc"].to_numpy(dtype=float)
+            ax.plot(np.full(len(accs), k - 0.12), accs, "k.", ms=5)
+            ax.errorbar(
+                k + 0.12, accs.mean(), yerr=accs.std(ddof=1) if len(accs) > 1 else None, fmt="D", ms=7,
+                capsize=4, color=f"C{k}",
+            )  # fmt: skip
         if reference is not None:
             ax.axhline(reference, color="k", ls="--", lw=1)
         ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(arms) - 0.4)
         ax.set_title(hyp, fontsize=9)
-    lo = df["acc"].min()
-    axes[0][0].set_ylim(max(0.0, lo - 0.03), min(1.0, max(df["acc"].max(), reference or 0) + 0.01))
+        ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     fig.suptitle(title)
     fig.tight_layout()
@@ -519,35 +631,33 @@ def mask_pattern(weight, mask, rows: int = 8, cols: int = 32, title: str = "") -
     return fig
 
 
-def stage_bars(
+def stage_dots(
     df: pd.DataFrame, x: str = "stage", y: str = "acc", color: str | None = None, reference: float | None = None,
     title: str = "", ylabel: str = "test accuracy",
 ) -> Figure:  # fmt: skip
-    """One bar of ``y`` per row of ``df`` (in order), labelled by column ``x``, its value printed on top.
+    """One dot of ``y`` per row of ``df`` (in order), labelled by column ``x``, its value (in points) beside it.
 
     ``color``: a column whose values pick the colour (e.g. "FP32" / "W4A4"), with a legend; ``reference``: a
-    dashed horizontal line (e.g. the dense FP32 accuracy). The y axis zooms to the values.
+    dashed horizontal line (e.g. the dense FP32 accuracy). Dots, not bars: the y axis zooms to the values.
     """
     values = df[y].to_numpy(dtype=float)
     fig, axes = _new(1, 1, size=(max(6.0, 1.0 * len(df)), 3.8))
     ax = axes[0][0]
     groups = list(dict.fromkeys(df[color])) if color else [None]
-    colors = [f"C{groups.index(g)}" for g in df[color]] if color else ["C0"] * len(df)
-    bars = ax.bar(np.arange(len(df)), values, color=colors, alpha=0.8)
-    for rect, v in zip(bars, values, strict=True):
-        ax.text(
-            rect.get_x() + rect.get_width() / 2, v, f"{100 * v:.2f}", ha="center", va="bottom", fontsize=8
+    pos = np.arange(len(df))
+    for k, g in enumerate(groups):
+        rows = (df[color] == g).to_numpy() if color else np.ones(len(df), bool)
+        ax.plot(pos[rows], values[rows], "o", ms=8, color=f"C{k}", label=str(g) if color else None)
+    for p, v in zip(pos, values, strict=True):
+        ax.annotate(
+            f"{100 * v:.2f}", (p, v), xytext=(7, 0), textcoords="offset points", va="center", fontsize=8
         )
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=1, label="dense FP32")
-    if color:
-        from matplotlib.patches import Patch
-
-        handles = [Patch(color=f"C{k}", alpha=0.8, label=str(g)) for k, g in enumerate(groups)]
-        ax.legend(handles=handles + ax.get_lines(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    top = max(values.max(), reference if reference is not None else -np.inf)
-    ax.set_ylim(max(0.0, values.min() - 0.02), min(1.0, top + 0.01))
-    ax.set_xticks(np.arange(len(df)), df[x], rotation=20, ha="right", fontsize=8)
+    if color or reference is not None:
+        legend_outside(ax)
+    ax.set_xticks(pos, df[x], rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(df) - 0.2)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -640,18 +750,28 @@ def step_lines(
     ``smooth`` steps (1 = raw); ``dashed`` maps hue values to True for dashed lines (e.g. weight quantizers)."""
     fig, axes = _new(1, 1, size=(6.5, 3.6))
     ax = axes[0][0]
-    for k, (label, part) in enumerate(df.groupby(hue, sort=False)):
+    groups = list(df.groupby(hue, sort=False))
+    styles = group_styles(len(groups))
+    # dashed: colour = the layer (a quantizer's name without its last part), style = dashed or solid
+    owners = [str(label).rsplit(".", 1)[0] for label, _ in groups]
+    if dashed is not None and len(set(owners)) <= 10:
+        colours = {o: f"C{k}" for k, o in enumerate(dict.fromkeys(owners))}
+        styles = [
+            (colours[o], "--" if bool(dashed.get(label, False)) else "-")
+            for o, (label, _) in zip(owners, groups, strict=True)
+        ]
+    for (label, part), (colour, ls) in zip(groups, styles, strict=True):
         part = part.sort_values("step")
         values = part[y].astype(float)
         if smooth > 1:
             values = values.rolling(smooth, center=True, min_periods=1).mean()
-        ls = "--" if dashed is not None and bool(dashed.get(label, False)) else "-"
-        ax.plot(part["step"].to_numpy(), values.to_numpy(), ls, color=f"C{k % 10}", lw=1.2, label=str(label))
+        ax.plot(part["step"].to_numpy(), values.to_numpy(), ls, color=colour, lw=1.2, label=str(label))
     if logy:
         ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set(xlabel="QAT step", ylabel=ylabel or y, title=title)
+    integer_ticks(ax, df["step"])
+    ax.set(xlabel="QAT step", ylabel=ylabel or words(y), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    legend_outside(ax, fontsize=7, ncol=2 if len(groups) > 12 else 1)
     fig.tight_layout()
     return fig
 

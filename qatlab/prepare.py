@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatlab.config import QATConfig
+from qatlab.config import QATConfig, progress_bar
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear, fold_bn
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -310,8 +310,6 @@ def reestimate_bn(
     """
     from itertools import islice
 
-    from tqdm.auto import tqdm
-
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches={num_batches!r} must be a positive int, e.g. 50")
     bns = [
@@ -339,7 +337,9 @@ def reestimate_bn(
     for m in frozen:
         m.bn_frozen = False
     rounds = [[u] for u in units] if sequential else [units]
-    bar = tqdm(total=len(rounds) * len(batches), desc="BN re-estimation", disable=not progress, leave=False)
+    bar = progress_bar(
+        total=len(rounds) * len(batches), desc="BN re-estimation", progress=progress, leave=False
+    )
     try:
         model.eval()
         for active in rounds:
@@ -431,8 +431,6 @@ def calibrate(
         num_batches: stop after this many batches (``None``: the whole loader).
         device: where the model and batches run.
     """
-    from tqdm.auto import tqdm
-
     _require_prepared(model)
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches={num_batches!r} must be a positive int or None (the whole loader)")
@@ -444,7 +442,9 @@ def calibrate(
         q.calibrating = True
     seen = 0
     try:
-        for batch in tqdm(loader, desc="calibrate", total=num_batches, disable=not progress, leave=False):
+        for batch in progress_bar(
+            loader, desc="calibrate", total=num_batches, progress=progress, leave=False
+        ):
             run_batch(model, batch, device)
             seen += 1
             if num_batches is not None and seen >= num_batches:

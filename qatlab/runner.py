@@ -82,6 +82,34 @@ def static_widget_fallback(nb) -> int:
     return done
 
 
+# What a reader should not meet in a saved notebook: a progress bar frozen where the kernel left it, numpy's
+# scalar reprs, a dict printed raw (a table or a sentence says it better).
+OUTPUT_DEFECTS = {
+    "frozen progress bar": re.compile(r"\d+%\|.*\|\s*\d+/\d+ \["),
+    "numpy scalar repr": re.compile(r"\bnp\.(?:float|int|uint|bool|complex)\w*\("),
+    "raw dict": re.compile(r"\{(?:'[^'\n]{1,80}'|-?\d+): "),
+}
+
+
+def output_defects(nb) -> list[str]:
+    """``"cell N: <defect>: <text>"`` for each text output (streams, plain-text results, widget placeholders)
+    of an executed notebook that matches :data:`OUTPUT_DEFECTS`; HTML, images and errors are not checked."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text = out.get("text", "")
+            elif "data" in out and "text/html" not in out["data"]:
+                text = out["data"].get("text/plain", "")
+            else:
+                continue
+            text = "".join(text) if isinstance(text, list) else text
+            for what, pattern in OUTPUT_DEFECTS.items():
+                if m := pattern.search(text):
+                    found.append(f"cell {i}: {what}: {text[max(0, m.start() - 20) : m.end() + 40].strip()!r}")
+    return found
+
+
 def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = False) -> NotebookResult:
     """Execute one notebook; the executed copy goes to ``build_dir/notebooks/`` even when a cell fails."""
     import nbformat
@@ -91,7 +119,13 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     nb = nbformat.read(src, as_version=4)
     out_dir = build_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "QATLAB_BUILD": str(build_dir.resolve())}  # the kernel's environment, not ours
+    # the kernel's environment, not ours; no progress bars: a saved notebook would keep them frozen at 0%
+    env = {
+        **os.environ,
+        "QATLAB_BUILD": str(build_dir.resolve()),
+        "TQDM_DISABLE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if fast:
         env["QATLAB_FAST"] = "1"
     start = time.perf_counter()
@@ -161,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {src.name} ...", flush=True)
         r = run_notebook(src, args.build, timeout=args.timeout, fast=args.fast)
         print(f"  {r.status} in {r.seconds:.1f} s {r.error}", flush=True)
+        import nbformat
+
+        for defect in output_defects(nbformat.read(args.build / "notebooks" / src.name, as_version=4)):
+            print(f"  note: {defect}", flush=True)
         results.append(r)
     summary = write_summary(results, args.build)
     print(summary.read_text())

@@ -331,7 +331,7 @@ def integer_layers(path: str | os.PathLike) -> list[IntegerLayer]:
     return layers
 
 
-def _weight_codes(proto, layers: list[IntegerLayer]) -> list[np.ndarray]:
+def weight_codes(proto, layers: list[IntegerLayer]) -> list[np.ndarray]:
     """The weight codes of each layer (they depend on initializers only), as the node reads them."""
     import onnx
     from onnx import numpy_helper
@@ -399,7 +399,7 @@ def _layer_pairs(
     layers = [
         layer for layer in (integer_layers(path) if layers is None else layers) if layer.constant_weight
     ]
-    codes = _weight_codes(_load(path), layers) if layers else []
+    codes = weight_codes(_load(path), layers) if layers else []
     return [
         (layer, _as_kn(layer, w), layer.u8s8 and not layer.depthwise(w))
         for layer, w in zip(layers, codes, strict=True)
@@ -489,7 +489,7 @@ def int_matmul(a: np.ndarray, w: np.ndarray, saturate: bool) -> tuple[np.ndarray
     return exact, clipped
 
 
-def _im2col(
+def im2col(
     x: np.ndarray, kh: int, kw: int, pads, strides, dilations, fill: int
 ) -> tuple[np.ndarray, int, int]:
     """(N, C, H, W) codes -> (N * OH * OW, kh * kw * C) in ORT's (kh, kw, c) order; padding holds ``fill`` (the
@@ -570,7 +570,7 @@ def _emulated_op(stats: dict[str, int]):
             for g in range(group):
                 xg = x[:, g * cg : (g + 1) * cg]
                 wg = w[g * mg : (g + 1) * mg]
-                cols, oh, ow = _im2col(xg, kh, kw, pads, strides, dilations, zx)
+                cols, oh, ow = im2col(xg, kh, kw, pads, strides, dilations, zx)
                 w_kn = np.transpose(wg, (2, 3, 1, 0)).reshape(-1, mg)
                 # depthwise convs run in ORT's own int32 depthwise kernel: no pairs, no saturation
                 acc, clipped = int_matmul(cols, w_kn, saturate and not (cg == 1 and mg == 1))

@@ -14,9 +14,8 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
-from qatlab.config import check_choice
+from qatlab.config import check_choice, progress_bar
 from qatlab.data import reseed
 from qatlab.prepare import freeze_bn_stats, freeze_observers
 
@@ -115,7 +114,9 @@ def _steps_per_epoch(loader: Iterable, max_steps: int | None) -> int:
 
 def _train_epoch(model, loader, opt, sched, loss_fn, device, steps, epoch, progress) -> tuple[float, ...]:
     total_loss, correct, n, lr_used = 0.0, 0, 0, opt.param_groups[0]["lr"]
-    with tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress) as bar:
+    with progress_bar(
+        total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False, progress=progress
+    ) as bar:
         for step, batch in enumerate(itertools.islice(loader, steps)):
             x, y = _unpack(batch, "train_loader", device)
             logits = model(x)
@@ -209,7 +210,7 @@ def fit(
 
     rows: list[dict[str, Any]] = []
     bn_frozen = observers_frozen = False
-    bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress)
+    bar = progress_bar(range(epochs), desc="fit", unit="epoch", progress=progress)
     try:
         for epoch in bar:
             start = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qatlab.runner import run_notebook
+from qatlab.runner import output_defects, run_notebook
 
 _QATLAB_MODULES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "qatlab").glob("[a-z]*.py"))
 
@@ -70,3 +70,5 @@ def test_notebook_runs_in_fast_mode(path, tmp_path):
     result = run_notebook(path, tmp_path, timeout=600, fast=True)
     assert result.status == "ok", f"{path.name}: {result.error}"
     assert list(tmp_path.rglob("*.onnx")), f"{path.name} wrote no ONNX file"
+    executed = nbformat.read(tmp_path / "notebooks" / path.name, as_version=4)
+    assert output_defects(executed) == [], f"{path.name}: outputs a reader should not meet"

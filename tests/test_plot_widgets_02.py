@@ -71,3 +71,17 @@ def test_pair_sums_histogram_counts_the_pairs_over_the_int16_limit():
     assert labels == [["a (2 over)", "b (0 over)"], ["a (0 over)", "b (0 over)"]]
     assert all(ax.lines[0].get_xdata()[0] == 1.0 for ax in fig.axes)  # the int16 limit
     matplotlib.pyplot.close(fig)
+
+
+def test_requantization_histogram_reports_the_clamped_shares():
+    acc = np.array([-400, -100, 0, 100, 2000, 9000, 60000, 5]).reshape(1, 2, 2, 2)  # 2 channels
+    m = np.array([0.01, 0.004])  # channel 0: -4, -1, 0, 1 -> 1 of 8 below; channel 1: 8, 36, 240, 0.02
+    fig = plot.requantization(acc, m, (0, 255), title="t")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["clamped to 0 (ReLU): 25%"]  # -4 and -1; nothing above 255.5
+    fig2 = plot.requantization(acc, np.array([0.01, 0.01]), (0, 255))  # 9000 -> 90, 60000 -> 600: above
+    labels = [t.get_text() for t in fig2.axes[0].get_legend().get_texts()]
+    assert labels == ["clamped to 0 (ReLU): 25%", "above 255: 12.50%"]
+    assert fig.axes[0].get_xlabel().startswith("accumulator x M")
+    matplotlib.pyplot.close(fig)
+    matplotlib.pyplot.close(fig2)

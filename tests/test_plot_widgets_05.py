@@ -27,7 +27,7 @@ def test_mask_pattern_lays_out_input_channels_along_rows_and_blanks_pruned_entri
     assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [3.5]  # one group boundary in 8 columns
 
 
-def test_stage_bars_heights_labels_and_colours():
+def test_stage_dots_values_labels_and_colours():
     df = pd.DataFrame(
         {
             "stage": ["dense", "2:4", "dense QAT", "2:4 QAT"],
@@ -35,13 +35,14 @@ def test_stage_bars_heights_labels_and_colours():
             "precision": ["FP32", "FP32", "W4A4", "W4A4"],
         }
     )
-    fig = plot.stage_bars(df, color="precision", reference=0.91)
+    fig = plot.stage_dots(df, color="precision", reference=0.91)
     ax = fig.axes[0]
-    assert [p.get_height() for p in ax.patches] == pytest.approx(df["acc"].tolist())
+    fp32, w4a4, ref = ax.lines
+    assert list(fp32.get_ydata()) + list(w4a4.get_ydata()) == pytest.approx(df["acc"].tolist())
+    assert fp32.get_color() != w4a4.get_color() and not ax.patches
     assert [t.get_text() for t in ax.get_xticklabels()] == df["stage"].tolist()
-    assert ax.patches[0].get_facecolor() == ax.patches[1].get_facecolor() != ax.patches[2].get_facecolor()
     assert [t.get_text() for t in ax.texts] == ["91.00", "90.50", "90.00", "89.50"]
-    assert ax.lines[0].get_ydata()[0] == pytest.approx(0.91)
+    assert ref.get_ydata()[0] == pytest.approx(0.91)
     assert ax.get_ylim()[0] <= 0.895 and ax.get_ylim()[1] >= 0.91
 
 

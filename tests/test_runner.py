@@ -5,7 +5,7 @@ import os
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from qatlab.runner import main
+from qatlab.runner import main, output_defects
 
 
 def _write(path, *sources):
@@ -82,3 +82,30 @@ def test_explorers_keep_a_static_copy(tmp_path):
     html = (build / "notebooks" / "01_widget.html").read_text()
     assert "4-bit grid: S = 0.25" in html and data["image/png"][:64] in html
     assert '<script type="application/vnd.jupyter.widget-view+json">' not in html
+
+
+def test_executed_notebooks_hold_no_progress_bars_or_raw_reprs(tmp_path, capsys):
+    nbs, build = tmp_path / "nbs", tmp_path / "build"
+    nbs.mkdir()
+    _write(
+        nbs / "01_outputs.ipynb",
+        # the lab's progress bars and the transformers library's are off in make run's kernels
+        "import os\nfrom qatlab.config import progress_bar\nfor _ in progress_bar(range(3)): pass\n"
+        "os.environ['HF_HUB_DISABLE_PROGRESS_BARS']",
+        "import numpy as np\nprint({'acc': np.float64(0.5)})",  # a raw dict holding a numpy scalar
+        "print(f'accuracy {np.float64(0.5):.2f}')",  # a sentence: fine
+    )
+    assert main([str(nbs), str(build), "--fast"]) == 0
+    done = nbformat.read(build / "notebooks" / "01_outputs.ipynb", as_version=4)
+    assert done.cells[0].outputs == [{"output_type": "execute_result", "data": {"text/plain": "'1'"},
+                                      "metadata": {}, "execution_count": 1}]  # fmt: skip
+    defects = output_defects(done)
+    assert [d.split(":")[:2] for d in defects] == [["cell 1", " numpy scalar repr"], ["cell 1", " raw dict"]]
+    assert "note: cell 1: raw dict" in capsys.readouterr().out  # make run names them as it goes
+    frozen = new_notebook(cells=[new_code_cell("")])
+    frozen.cells[0].outputs = [
+        nbformat.v4.new_output("stream", text="fit:   0%|          | 0/8 [00:00<?, ?epoch/s]")
+    ]
+    assert output_defects(frozen) == [
+        "cell 0: frozen progress bar: 'fit:   0%|          | 0/8 [00:00<?, ?epoch/s]'"
+    ]

@@ -5,10 +5,6 @@ without VNNI) against the real saturating kernels, the layers at risk, and verif
 from __future__ import annotations
 
 import itertools
-import platform
-import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -220,12 +216,6 @@ def test_emulated_saturation_breaks_full_range_and_spares_reduced_range(files, d
         assert sum(clipped.values()) == 0 and np.abs(sat - ref).max() <= 1.0 * _lsb(ref), key
 
 
-QEMU = shutil.which("qemu-x86_64")
-needs_qemu = pytest.mark.skipif(
-    QEMU is None or platform.machine().lower() not in ("x86_64", "amd64"),
-    reason="needs qemu-x86_64 on an x86-64 machine to run ONNX Runtime on an emulated AVX2 CPU without VNNI "
-    "(Debian: apt-get install qemu-user; make test installs it when it can)",
-)
 _QEMU_ORT = """
 import sys, numpy as np, onnxruntime as ort
 from qatlab import saturation
@@ -237,21 +227,14 @@ print(saturation.cpu_int8().kind)
 """
 
 
-@needs_qemu
-def test_emulator_matches_onnx_runtime_on_an_avx2_cpu_without_vnni(files, digits, tmp_path):
+def test_emulator_matches_onnx_runtime_on_an_avx2_cpu_without_vnni(files, digits, tmp_path, on_haswell):
     """ONNX Runtime itself on qemu's Haswell CPU (AVX2, no VNNI): its int8 kernels saturate, as on such a real
     CPU; the emulator reproduces them and the reduced-range files are exact there."""
     _, x_test = digits
     np.save(tmp_path / "x.npy", x_test.numpy())
     paths = [str(files[key][1]) for key in (("cnn", "w8"), ("dwcnn", "w8"), ("cnn", "w8rr"), ("cnn", "a8rr"))]
-    run = subprocess.run(
-        [QEMU, "-cpu", "Haswell", sys.executable, "-c", _QEMU_ORT, str(tmp_path / "x.npy"), *paths],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split()[-1] == "avx2-no-vnni"  # the classifier reads the emulated CPU's CPUID
+    stdout = on_haswell(_QEMU_ORT, tmp_path / "x.npy", *paths)
+    assert stdout.split()[-1] == "avx2-no-vnni"  # the classifier reads the emulated CPU's CPUID
     for path in paths:
         haswell = np.load(path + ".out.npy")
         ref = saturation.run_reference(path, [x_test.numpy()])[0]

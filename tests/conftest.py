@@ -1,0 +1,30 @@
+"""Fixtures several test modules share."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def on_haswell():
+    """``run(script, *args) -> stdout``: ``python -c script args`` on qemu's emulated Haswell CPU (x86-64 with
+    AVX2 but no VNNI, whose ONNX Runtime int8 kernels saturate). Skips without qemu-x86_64 on an x86-64 host."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(
+            "needs qemu-x86_64 on an x86-64 machine to run ONNX Runtime on an emulated AVX2 CPU without VNNI "
+            "(Debian: apt-get install qemu-user; make test installs it when it can)"
+        )
+
+    def run(script: str, *args: object, timeout: int = 600) -> str:
+        cmd = [qemu, "-cpu", "Haswell", sys.executable, "-c", script, *map(str, args)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return run
