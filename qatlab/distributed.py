@@ -60,6 +60,9 @@ class RunConfig:
         epochs, steps_per_epoch, lr, optimizer, schedule, momentum: as in :func:`qatlab.fit`.
         calib_batches: batches per rank for PTQ calibration before QAT (0: start from the first batch's ranges).
         sync_observers: combine activation ranges over ranks (see :func:`sync_observers`).
+        freeze_bn_epoch: freeze BatchNorm statistics from this epoch on, as in :func:`qatlab.fit` (0: from the
+            start; then N ranks and one process at the same global batch compute the same thing up to the
+            order of float sums, since no rank normalises with its own share of the batch).
         export: export the final model to ONNX from rank 0 and check it in ONNX Runtime.
         device: "auto" (the rank's GPU when CUDA is there, else CPU), "cpu" or "cuda".
     """
@@ -81,6 +84,7 @@ class RunConfig:
     calib_batches: int = 8
     seed: int = 0
     sync_observers: bool = True
+    freeze_bn_epoch: int | None = None
     export: bool = True
     device: str = "auto"
 
@@ -89,6 +93,14 @@ class RunConfig:
             raise ValueError(f"global_batch={self.global_batch!r} must be a positive int, e.g. 64")
         if not isinstance(self.calib_batches, int) or self.calib_batches < 0:
             raise ValueError(f"calib_batches={self.calib_batches!r} must be an int >= 0 (0: no calibration)")
+        if self.freeze_bn_epoch is not None and (
+            isinstance(self.freeze_bn_epoch, bool)
+            or not isinstance(self.freeze_bn_epoch, int)
+            or self.freeze_bn_epoch < 0
+        ):
+            raise ValueError(
+                f"freeze_bn_epoch={self.freeze_bn_epoch!r} must be None or an int >= 0 (0: from the start)"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if isinstance(self.qat, QATConfig):
@@ -243,6 +255,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
                    steps=cfg.steps_per_epoch, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule,
                    momentum=cfg.momentum, calibrated=cfg.calib_batches > 0, calib_batches=cfg.calib_batches,
                    epochs=cfg.epochs, seed=cfg.seed, device=device, progress=rank == 0,
+                   freeze_bn_epoch=cfg.freeze_bn_epoch,
                    on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, prepare=prepare, wrap=wrap,
                    validate=False)  # fmt: skip
     qat, ptq_acc = run_["model"], run_["ptq_acc"]

@@ -44,11 +44,14 @@ def ptq_sweep(
     device: str | torch.device = "cpu",
     progress: bool = True,
     calib_seed: int = 0,
+    after_ptq: Callable[[nn.Module], Any] | None = None,
     **labels: Any,
 ) -> pd.DataFrame:
     """PTQ accuracy and output SQNR (logits vs the float model's) for each config: one row per config.
 
     Every config calibrates on the same batches (the loader is reseeded with ``calib_seed`` before each).
+    ``after_ptq(model)`` runs on each calibrated model before it is evaluated (e.g. bias correction,
+    ``qatlab.equalize.correct_bias``).
 
     Extra keyword arguments become constant columns (e.g. ``seed=0``).
     """
@@ -57,6 +60,8 @@ def ptq_sweep(
     for label, cfg in progress_bar(configs.items(), desc="PTQ sweep", progress=progress, leave=False):
         reseed(calib_loader, calib_seed)
         q = ptq(model, cfg, calib_loader, num_batches=calib_batches, device=device)
+        if after_ptq is not None:
+            after_ptq(q)
         out, _ = _logits(q, test_loader, device)
         w, a = cfg.weight, cfg.activation
         rows.append(

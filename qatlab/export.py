@@ -662,3 +662,83 @@ def time_ort(
             s.run(None, feeds[k])
             times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+# Node types that multiply by weights: after ORT's optimizations, any of these left is a float layer.
+FLOAT_GEMMS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+# ONNX integer code types (TensorProto data types) and their ranges: uint8, int8, uint16, int16, uint4, int4
+CODE_RANGES = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767), 21: (0, 15), 22: (-8, 7)}
+
+
+def weight_bits(path: str | os.PathLike) -> dict[str, int]:
+    """Bits per parameter of every initializer of an ONNX file, as deployed. A weight that goes through
+    ``QuantizeLinear`` counts at the width of the integer grid its codes span (``ceil(log2(max - min + 1))``: int4
+    codes in an int8 container count 4); everything else (float weights, biases, scales) at its stored width."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    quantized = {
+        n.input[0]: n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in arrays
+    }
+    bits = {}
+    for name, value in arrays.items():
+        bits[name] = value.dtype.itemsize * 8
+        q = quantized.get(name)
+        if q is None or len(q.input) < 3 or not {q.input[1], q.input[2]} <= arrays.keys():
+            continue
+        scale, zero = arrays[q.input[1]].astype(np.float32), arrays[q.input[2]]
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:  # per channel along ``axis``
+            shape = [1] * value.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        if types[q.input[2]] not in CODE_RANGES:  # a float8 grid or another type: its stored width
+            continue
+        lo, hi = CODE_RANGES[types[q.input[2]]]
+        codes = np.clip(np.rint(value.astype(np.float32) / scale) + zero.astype(np.int64), lo, hi)
+        bits[name] = max(1, int(np.ceil(np.log2(codes.max() - codes.min() + 1))))
+    return bits
+
+
+def deployment_table(
+    files: dict[str, str | os.PathLike], inputs: Tensor, repeats: int = 50, threads: int = 1, accuracy=None
+):
+    """Size and speed of several ONNX files of one model, one row each (the first row is the reference):
+
+    ``file_kB`` (as written: a QDQ file stores float weights and quantizes them when ORT loads it),
+    ``weights_kB`` (every parameter at its deployed width, :func:`weight_bits`), ``ort_ms`` (median batch latency
+    in ONNX Runtime on this CPU, files interleaved, :func:`time_ort`), ``time_vs_first``, ``integer_kernels`` and
+    ``float_gemms`` (layers ORT runs in integers / still in float after its fusions: a QDQ pattern ORT cannot fuse,
+    such as a 4-bit ``Clip`` between Q and DQ, leaves float layers *plus* the Q/DQ arithmetic, so such a file is
+    slower than FP32), and ``accuracy`` when given (a dict name -> accuracy).
+    """
+    import onnx
+    import pandas as pd
+
+    times = time_ort(files, inputs, repeats=repeats, threads=threads)
+    rows = []
+    for name, path in files.items():
+        sizes = {i.name: int(np.prod(i.dims)) for i in onnx.load(str(path)).graph.initializer}
+        bits = weight_bits(path)
+        kernels = ort_integer_kernels(path)
+        rows.append(
+            {
+                "file": name,
+                "file_kB": os.path.getsize(path) / 1e3,
+                "weights_kB": sum(sizes[k] * bits[k] for k in sizes) / 8e3,
+                "ort_ms": times[name],
+                "integer_kernels": integer_kernel_count(kernels),
+                "float_gemms": sum(v for k, v in kernels.items() if k in FLOAT_GEMMS),
+                **({"accuracy": accuracy[name]} if accuracy is not None else {}),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("file")
+    table.insert(
+        table.columns.get_loc("ort_ms") + 1, "time_vs_first", table["ort_ms"] / table["ort_ms"].iloc[0]
+    )
+    return table

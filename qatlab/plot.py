@@ -361,7 +361,15 @@ def requantization(
     ax.hist(scaled, bins=120, color="C0", alpha=0.8)
     ax.axvspan(scaled.min(), lo - 0.5, color="0.85", zorder=0, label=f"clamped to {lo} (ReLU): {below:.0%}")
     if scaled.max() > hi + 0.5:
-        ax.axvspan(hi + 0.5, scaled.max(), color="C3", alpha=0.2, zorder=0, label=f"above {hi}: {above:.2%}")
+        n_above = int((scaled > hi + 0.5).sum())
+        ax.axvspan(
+            hi + 0.5,
+            scaled.max(),
+            color="C3",
+            alpha=0.2,
+            zorder=0,
+            label=f"above {hi}: {n_above:,} ({above:.2%})",
+        )
     ax.axvline(hi + 0.5, color="C3", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("accumulator x M (output codes, before rounding and clamping)")

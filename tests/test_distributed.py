@@ -121,3 +121,25 @@ def test_run_config_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"modle": "cnn"}))
     with pytest.raises(ValueError, match="modle"):
         RunConfig.from_json(tmp_path / "bad.json")
+
+
+def test_frozen_bn_makes_two_ranks_one_process_for_a_cnn(tmp_path):
+    """With BatchNorm each rank normalises with its own half batch; frozen from the start, it does not, and two
+    ranks compute what one process computes (float rounding only)."""
+    cnn = dict(model="cnn", model_kwargs={"width": 8}, export=False, epochs=1)
+    frozen = {
+        n: launch(_cfg(**cnn, freeze_bn_epoch=0), tmp_path / n, nproc=p, echo=False)
+        for n, p in (("f2", 2), ("f1", 1))
+    }
+    live = launch(_cfg(**cnn), tmp_path / "l2", nproc=2, echo=False)
+    launch(_cfg(**cnn), tmp_path / "l1", nproc=1, echo=False)
+
+    def largest_weight_difference(a, b):
+        sa, sb = (torch.load(tmp_path / x / "qat_model.pt", weights_only=True) for x in (a, b))
+        return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if k.endswith("weight"))
+
+    assert largest_weight_difference("f2", "f1") < 1e-5
+    assert largest_weight_difference("l2", "l1") > 100 * largest_weight_difference("f2", "f1")
+    assert frozen["f2"]["acc"] == frozen["f1"]["acc"] and live["rank_differences"]["bn"] > 0
+    with pytest.raises(ValueError, match="freeze_bn_epoch=-1"):
+        RunConfig(freeze_bn_epoch=-1)

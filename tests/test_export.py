@@ -224,3 +224,37 @@ def test_export_from_cuda_model(trained, digits, tmp_path):
     model = qatlab.ptq(trained["cnn"].cuda(), QATConfig(), [(x.cuda(), y) for x, y in train], num_batches=2)
     path = export_onnx(model, tmp_path / "cuda.onnx", x_test[:1].cuda())
     assert verify_onnx(model, path, x_test.cuda())["ok"]
+
+
+def test_deployment_table_sizes_kernels_and_speed(trained, digits, tmp_path):
+    """Weights at their deployed width (counted from the codes), integer kernels where ORT fuses, float layers
+    where it cannot (4-bit activations: a Clip between Q and DQ), one row per file."""
+    from qatlab.export import deployment_table, export_float_onnx, weight_bits
+
+    train, x_test = digits
+    model = trained["cnn"]
+    w8a8 = qatlab.ptq(model, QATConfig(), train, num_batches=2)
+    w4a4 = qatlab.ptq(model, QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True),
+                                       activation=QuantSpec(bits=4)), train, num_batches=2)  # fmt: skip
+    files = {
+        "fp32": export_float_onnx(model, tmp_path / "fp32.onnx", x_test[:1]),
+        "w8a8": export_onnx(w8a8, tmp_path / "w8a8.onnx", x_test[:1]),
+        "w4a4": export_onnx(w4a4, tmp_path / "w4a4.onnx", x_test[:1]),
+    }
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    params = {n: model.get_submodule(n).weight.numel() for n in convs}
+    for name, width in (("w8a8", 8), ("w4a4", 4)):
+        bits = weight_bits(files[name])
+        assert {bits[f"{n}.weight"] for n in convs} == {width}, name  # every weight at its grid's width
+    assert {weight_bits(files["fp32"])[f"{n}.weight"] for n in convs} == {32}
+    table = deployment_table(files, x_test[:32], repeats=3)
+    assert list(table.index) == ["fp32", "w8a8", "w4a4"] and table.loc["fp32", "time_vs_first"] == 1.0
+    fp32_kb, w4_kb = table.loc["fp32", "weights_kB"], table.loc["w4a4", "weights_kB"]
+    weights_kb = sum(params.values()) * 4 / 1e3  # the conv/linear weights at 32 bits
+    rest_kb = fp32_kb - weights_kb  # biases, shapes
+    # the weights shrink 8x; the rest stays, plus the scales and zero points (measured: 0.8 kB here)
+    assert weights_kb / 8 + rest_kb <= w4_kb <= weights_kb / 8 + rest_kb + 2.0
+    assert table.loc["w8a8", "weights_kB"] - w4_kb == pytest.approx(weights_kb / 8, rel=0.05)
+    assert table.loc["w8a8", "integer_kernels"] > 0 and table.loc["w4a4", "integer_kernels"] == 0
+    assert table.loc["w4a4", "float_gemms"] == table.loc["fp32", "float_gemms"] == len(convs)
+    assert (table["ort_ms"] > 0).all() and (table["file_kB"] > 0).all()

@@ -81,7 +81,7 @@ def test_requantization_histogram_reports_the_clamped_shares():
     assert labels == ["clamped to 0 (ReLU): 25%"]  # -4 and -1; nothing above 255.5
     fig2 = plot.requantization(acc, np.array([0.01, 0.01]), (0, 255))  # 9000 -> 90, 60000 -> 600: above
     labels = [t.get_text() for t in fig2.axes[0].get_legend().get_texts()]
-    assert labels == ["clamped to 0 (ReLU): 25%", "above 255: 12.50%"]
+    assert labels == ["clamped to 0 (ReLU): 25%", "above 255: 1 (12.50%)"]
     assert fig.axes[0].get_xlabel().startswith("accumulator x M")
     matplotlib.pyplot.close(fig)
     matplotlib.pyplot.close(fig2)

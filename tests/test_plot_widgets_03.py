@@ -54,7 +54,9 @@ def test_bn_layer_stats_draws_the_given_numbers():
     np.testing.assert_allclose(_ydata(bottom)[1], df["sqnr_per_channel"])
     assert len(bottom.lines) == 2
     _close(fig)
-    fig = plot.bn_layer_stats(df.assign(sqnr_per_tensor_unfolded=[40.0, 38.6, 41.0]))  # the unfolded reference
+    fig = plot.bn_layer_stats(
+        df.assign(sqnr_per_tensor_unfolded=[40.0, 38.6, 41.0])
+    )  # the unfolded reference
     np.testing.assert_allclose(_ydata(fig.axes[1])[2], [40.0, 38.6, 41.0])
     assert fig.axes[1].lines[2].get_linestyle() == "--"
     _close(fig)
