@@ -198,6 +198,12 @@ class QATConfig:
             runtime can then keep that layer in int8 too (ONNX Runtime: QLinearConv instead of a float conv
             between a DequantizeLinear and the pooling), as deployment needs; the QAT model gains a
             quantization point there, so its numbers differ slightly from the default's.
+        quantize_adds: with ``quantize_outputs``, also quantize the result of every tensor addition (after a
+            ReLU that directly follows it), and quantize each tensor **once, where it is produced**: a layer
+            whose input is already codes (an addition's result, or another layer's quantized output, as at a
+            residual fork) reads those codes instead of quantizing them again with a scale of its own. ONNX
+            Runtime then runs the additions in integers too (``QLinearAdd``). Needs a model that traces with
+            ``torch.fx``; the prepared model is then a ``torch.fx.GraphModule``.
 
     Example:
         >>> cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True), keep=("first", "last"))
@@ -210,6 +216,7 @@ class QATConfig:
     keep_bits: int | None = None
     fuse_relu: bool = True
     quantize_outputs: bool = False
+    quantize_adds: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, QuantSpec):
@@ -234,6 +241,11 @@ class QATConfig:
             raise ValueError(
                 "quantize_outputs=True needs an activation spec (outputs use it); pass activation=QuantSpec(...) "
                 "or quantize_outputs=False"
+            )
+        if self.quantize_adds and not self.quantize_outputs:
+            raise ValueError(
+                "quantize_adds=True quantizes additions whose inputs are layer outputs: it needs "
+                "quantize_outputs=True as well (or quantize_adds=False)"
             )
         if isinstance(self.keep, str) or not all(isinstance(k, str) for k in self.keep):
             raise TypeError(f"keep={self.keep!r} must be a tuple of module names, e.g. ('first', 'last')")

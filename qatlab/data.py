@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from qatlab.config import check_positive_int, fast
 
@@ -147,6 +147,36 @@ def reseed(loader: Any, seed: int) -> bool:
         gen.manual_seed(seed)
         return True
     return False
+
+
+def validation_split(loader: DataLoader, size: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Split an evaluation loader in two: ``size`` examples (a seeded random subset) to choose with (a
+    learning rate, an epoch, which model to export) and the rest to report. Picking by the accuracy you
+    report inflates it; float models trained on the train split stay valid, nothing is retrained.
+
+    Both loaders keep ``loader``'s batch size and do not shuffle.
+
+    Example:
+        >>> _, test = loaders("digits", batch_size=32)
+        >>> val, rest = validation_split(test, 200)
+        >>> len(val.dataset), len(rest.dataset), len(test.dataset)
+        (200, 250, 450)
+    """
+    n = len(getattr(loader, "dataset", ()))
+    if not isinstance(loader, DataLoader) or n < 2:
+        raise ValueError(f"loader must be a DataLoader over at least 2 examples to split, got {loader!r}")
+    check_positive_int("size", size)
+    if size >= n:
+        raise ValueError(
+            f"size={size} leaves nothing to report: the loader has {n} examples; pass at most {n - 1}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, rest = (Subset(loader.dataset, sorted(part)) for part in (order[:size], order[size:]))
+    batch = loader.batch_size or 1
+    return (
+        DataLoader(held, batch, shuffle=False, num_workers=loader.num_workers),
+        DataLoader(rest, batch, shuffle=False, num_workers=loader.num_workers),
+    )
 
 
 def _make_loaders(train: tuple, test: tuple, batch_size: int, seed: int, workers: int = 0) -> tuple:

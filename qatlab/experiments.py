@@ -180,6 +180,7 @@ def qat_run(
     prepare: Callable[[nn.Module, QATConfig], nn.Module] = prepare_qat,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     validate: bool = True,
+    val_loader: Iterable | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """One QAT run: prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, evaluate.
@@ -202,15 +203,22 @@ def qat_run(
             (quantize first, then wrap). ``model`` in the result stays the unwrapped QAT model.
         test_loader: None skips every evaluation (``ptq_acc`` and ``acc`` NaN), e.g. on the DDP ranks but 0.
         validate: False evaluates once at the end instead of after every epoch (fit's ``val_loader``).
+        val_loader: where each epoch is validated (default ``test_loader``); a held-out split
+            (:func:`qatlab.data.validation_split`) keeps choices made on it (an epoch, the model to export)
+            out of the reported ``acc``, which is then measured once on ``test_loader`` at the end.
 
     Returns:
         A row: the labels, ``seed``, ``ptq_acc`` (before fine-tuning, NaN when not calibrated), ``acc`` (final
-        test accuracy), ``seconds`` (fine-tuning), ``history`` (the fit DataFrame) and ``model``.
+        test accuracy), ``seconds`` (fine-tuning), ``history`` (the fit DataFrame) and ``model``; with a
+        ``val_loader``, also ``ptq_val_acc`` and ``val_acc`` (the same on the validation split).
     """
     nan = float("nan")
     torch.manual_seed(seed)
     qat = prepare(model, config).to(device)
     ptq_acc = nan
+    extra: dict[str, float] = {}
+    if val_loader is not None:
+        extra["ptq_val_acc"] = nan
     if calibrated:
         if calib_loader is None:
             calib_loader = train_loader
@@ -218,6 +226,8 @@ def qat_run(
         calibrate(qat, calib_loader, num_batches=calib_batches, device=device)
         if test_loader is not None:
             ptq_acc = evaluate(qat, test_loader, device=device)["acc"]
+        if val_loader is not None:
+            extra["ptq_val_acc"] = evaluate(qat, val_loader, device=device)["acc"]
     trained = qat if wrap is None else wrap(qat)
     start = time.perf_counter()
     history = fit(
@@ -232,7 +242,7 @@ def qat_run(
         max_steps_per_epoch=steps,
         freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=freeze_observer_epoch,
-        val_loader=test_loader if validate else None,
+        val_loader=(test_loader if val_loader is None else val_loader) if validate else None,
         device=device,
         progress=progress,
         on_epoch_start=on_epoch_start,
@@ -240,14 +250,19 @@ def qat_run(
     )
     seconds = time.perf_counter() - start
     acc = nan
+    validated = bool(validate and len(history))
     if test_loader is not None:
-        done = validate and len(history)
+        done = validated and val_loader is None
         acc = float(history["val_acc"].iloc[-1]) if done else evaluate(qat, test_loader, device=device)["acc"]
+    if val_loader is not None:
+        last = float(history["val_acc"].iloc[-1]) if validated else None
+        extra["val_acc"] = last if last is not None else evaluate(qat, val_loader, device=device)["acc"]
     return {
         **labels,
         "seed": seed,
         "ptq_acc": ptq_acc,
         "acc": acc,
+        **extra,
         "seconds": seconds,
         "history": history,
         "model": qat,

@@ -43,9 +43,11 @@ import torch
 from torch import Tensor, nn
 
 from qatlab import saturation
+from qatlab.data import reseed
 from qatlab.files import atomic, build_dir
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear
-from qatlab.prepare import convert, quantizers
+from qatlab.prepare import convert, ptq, quantizers
+from qatlab.train import accuracy
 
 # Node types that mean "ORT runs this in integer arithmetic" after its graph optimizations.
 INTEGER_KERNELS = (
@@ -59,13 +61,15 @@ INTEGER_KERNELS = (
     "QLinearAdd",
     "QLinearGlobalAveragePool",
     "QLinearMul",
+    "QLinearConcat",
 )
 KNOWN_QUANT_MODULES = (QuantConv2d, QuantConvBn2d, QuantLinear)
 MIN_OPSET = 19  # QuantizeLinear with per-axis scales and the saturating types below
 
 
-def _onnx_translation():
-    """The onnxscript function that replaces ``qatlab::fake_quant`` in the exported graph."""
+def _onnx_translation(scalar_scales: bool = False):
+    """The onnxscript function that replaces ``qatlab::fake_quant`` in the exported graph; ``scalar_scales``
+    writes per-tensor scales and zero points as rank-0 tensors instead of shape ``[1]``."""
     from onnx import TensorProto
     from onnxscript import opset21 as op
 
@@ -81,6 +85,8 @@ def _onnx_translation():
             to, container_span = (TensorProto.INT8 if signed else TensorProto.UINT8), 256
         zp = op.Cast(zero_point, to=to)
         kw = {"axis": axis} if axis >= 0 else {}
+        if scalar_scales and axis < 0:  # shape [1] -> rank 0
+            scale, zp = op.Squeeze(scale), op.Squeeze(zp)
         q = op.QuantizeLinear(x, scale, zp, **kw)
         if span != container_span:  # narrower than the container: clip the codes to [quant_min, quant_max]
             lo = op.Cast(op.Constant(value_int=quant_min), to=to)
@@ -165,6 +171,7 @@ def export_onnx(
     dynamic_dims: dict[int, str] | None = None,
     input_names: tuple[str, ...] | None = None,
     output_names: tuple[str, ...] = ("output",),
+    scalar_scales: bool = False,
 ) -> Path:
     """Export a prepared (calibrated or trained) model to an ONNX QDQ file; BatchNorm is folded first.
 
@@ -180,6 +187,10 @@ def export_onnx(
         opset: ONNX opset; 21 (default) has the INT4/UINT4 types 4-bit export needs.
         dynamic_dims: more dynamic dimensions of every input, e.g. ``{1: "sequence"}`` for token ids.
         input_names, output_names: graph input/output names (default ``input``, ``input_1``, ...).
+        scalar_scales: write per-tensor scales and zero points as scalars (rank 0) rather than shape ``[1]``,
+            the shape of the quantizers' buffers. The arithmetic is the same; ONNX Runtime's fusion of
+            ``DequantizeLinear -> Add -> QuantizeLinear`` into ``QLinearAdd`` (and of other element-wise ops)
+            takes scalars only, while ``QLinearConv`` and ``QLinearMatMul`` take either (notebook 02 shows it).
 
     Returns:
         The path written. The file passes ``onnx.checker.check_model(..., full_check=True)``.
@@ -220,7 +231,7 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes,
             input_names=list(names),
             output_names=list(output_names),
-            custom_translation_table=_onnx_translation(),
+            custom_translation_table=_onnx_translation(scalar_scales),
             verbose=False,
         )
     atomic(path, lambda tmp: program.save(str(tmp)))
@@ -606,13 +617,17 @@ def ort_integer_kernels(path: str | os.PathLike) -> dict[str, int]:
 
     A QDQ model whose count of integer kernels is 0 runs in float: ORT found no Q/DQ pattern to fuse.
     """
+    return dict(Counter(n.op_type for n in ort_optimized_nodes(path)))
+
+
+def ort_optimized_nodes(path: str | os.PathLike) -> list:
+    """The nodes (ONNX ``NodeProto``) of ``path`` after ONNX Runtime's graph optimizations on this CPU."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         ort_session(path, optimized_path=str(optimized))
-        counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
-    return dict(counts)
+        return list(onnx.load(str(optimized)).graph.node)
 
 
 def integer_kernel_count(counts: dict[str, int]) -> int:
@@ -742,3 +757,126 @@ def deployment_table(
         table.columns.get_loc("ort_ms") + 1, "time_vs_first", table["ort_ms"] / table["ort_ms"].iloc[0]
     )
     return table
+
+
+def placement_table(
+    model: nn.Module,
+    placements: dict[str, tuple[Any, bool]],
+    calib_loader: Any,
+    inputs: Tensor,
+    test_loader: Any = None,
+    calib_batches: int = 8,
+    seed: int = 0,
+    folder: str | os.PathLike | None = None,
+    repeats: int = 20,
+):
+    """Where the Q/DQ pairs go, and what ONNX Runtime makes of it: one PTQ of ``model`` per placement,
+    exported, fused by ORT and run, one row each (the first row is the reference for ``time_vs_first``).
+
+    Args:
+        model: the float model.
+        placements: name -> ``(QATConfig, scalar_scales)``; the config's ``quantize_outputs`` and
+            ``quantize_adds`` choose the placement, ``scalar_scales`` goes to :func:`export_onnx`.
+        calib_loader: calibration batches; reseeded with ``seed`` before each placement, so every placement
+            calibrates on the same ``calib_batches`` batches.
+        inputs: images for the parity check and the timing (the first 64).
+        test_loader: when given, the PyTorch model's ``accuracy`` on it.
+        folder: where the files go (default ``build_dir() / "onnx"``), named after the placements.
+
+    Returns:
+        A DataFrame indexed by placement: ``quantizers`` (in the PyTorch model), ``QLinearConv``,
+        ``QLinearAdd``, ``float_convs`` (convolutions ORT still runs in float), ``float_adds`` (additions in
+        float, alone or folded into a float ``FusedConv``), ``ort_ms``,
+        ``time_vs_first``, ``ort_vs_torch_lsb`` and ``argmax_agreement`` (ORT on this CPU against PyTorch),
+        ``reference_ok`` (the ONNX reference evaluator computes what PyTorch computes), ``accuracy`` and ``path``.
+    """
+    import pandas as pd
+
+    if not placements:
+        raise ValueError("placements is empty; pass name -> (QATConfig, scalar_scales) for at least one")
+    folder = Path(folder) if folder is not None else build_dir() / "onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], {}
+    for name, (config, scalar) in placements.items():
+        reseed(calib_loader, seed)
+        qmodel = ptq(model, config, calib_loader, num_batches=calib_batches)
+        slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+        path = export_onnx(qmodel, folder / f"placement_{slug}.onnx", inputs[:1], scalar_scales=scalar)
+        report = verify_onnx(qmodel, path, inputs)
+        nodes = ort_optimized_nodes(path)
+        counts = Counter(n.op_type for n in nodes)
+        # ORT folds a float Add that follows a float conv into it: a FusedConv with a fourth input (the summand)
+        fused_adds = sum(1 for n in nodes if n.op_type == "FusedConv" and len(n.input) > 3 and n.input[3])
+        paths[name] = path
+        rows.append(
+            {
+                "placement": name,
+                "quantizers": sum(1 for _ in quantizers(qmodel)),
+                "QLinearConv": counts.get("QLinearConv", 0),
+                "QLinearAdd": counts.get("QLinearAdd", 0),
+                "float_convs": counts.get("Conv", 0) + counts.get("FusedConv", 0),
+                "float_adds": counts.get("Add", 0) + fused_adds,
+                "ort_vs_torch_lsb": report["diff_in_lsb"],
+                "argmax_agreement": report["argmax_agreement"],
+                "reference_ok": bool(report["semantic_passed"]),
+                **({"accuracy": accuracy(qmodel, test_loader)} if test_loader is not None else {}),
+                "path": path,
+            }
+        )
+    times = time_ort(paths, inputs[:64], repeats=repeats)
+    table = pd.DataFrame(rows).set_index("placement")
+    at = table.columns.get_loc("float_adds") + 1
+    table.insert(at, "ort_ms", pd.Series(times))
+    table.insert(at + 1, "time_vs_first", table["ort_ms"] / table["ort_ms"].iloc[0])
+    return table
+
+
+def fusion_probe(ops: tuple[str, ...] = ("Add", "Mul", "Concat")):
+    """Which ``DequantizeLinear -> op -> QuantizeLinear`` patterns ONNX Runtime (CPU) fuses into one integer
+    kernel, for scales written as scalars or as shape ``[1]`` and for equal or different input scales. Each row
+    builds a two-input graph of that op and reports the node that replaces it after ORT's optimizations (the op
+    itself when nothing was fused). Measured on the installed ORT, so a newer version may answer differently."""
+    import onnx
+    import pandas as pd
+    from onnx import TensorProto, helper
+
+    rows = []
+    for op in ops:
+        for scalar in (True, False):
+            for same in (True, False):
+                shape = [] if scalar else [1]
+                scales = {"a": 0.05, "b": 0.05 if same else 0.03, "o": 0.05}
+                inits = []
+                for k, v in scales.items():
+                    inits += [
+                        helper.make_tensor(f"s{k}", TensorProto.FLOAT, shape, [v]),
+                        helper.make_tensor(f"z{k}", TensorProto.UINT8, shape, [128]),
+                    ]
+                nodes = []
+                for k in "ab":
+                    nodes.append(helper.make_node("QuantizeLinear", [k, f"s{k}", f"z{k}"], [f"{k}q"]))
+                    nodes.append(helper.make_node("DequantizeLinear", [f"{k}q", f"s{k}", f"z{k}"], [f"{k}d"]))
+                extra = {"axis": 1} if op == "Concat" else {}
+                nodes.append(helper.make_node(op, ["ad", "bd"], ["y"], **extra))
+                nodes.append(helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["yq"]))
+                nodes.append(helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["out"]))
+                x_info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [1, 4, 8, 8]) for k in "ab"]
+                out_info = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+                graph = helper.make_graph(nodes, op, x_info, out_info, inits)
+                proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+                with tempfile.TemporaryDirectory() as tmp:
+                    path, optimized = Path(tmp) / "probe.onnx", Path(tmp) / "optimized.onnx"
+                    onnx.save(proto, str(path))
+                    ort_session(path, optimized_path=str(optimized))
+                    kinds = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+                fused = [k for k in kinds if k not in ("QuantizeLinear", "DequantizeLinear")]
+                rows.append(
+                    {
+                        "op": op,
+                        "scales": "scalar" if scalar else "shape [1]",
+                        "input scales": "equal" if same else "different",
+                        "ORT runs": fused[0] if len(fused) == 1 else " + ".join(fused),
+                        "integer kernel": bool(fused) and fused[0] in INTEGER_KERNELS,
+                    }
+                )
+    return pd.DataFrame(rows)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatlab.config import QATConfig, progress_bar
+from qatlab.config import QATConfig, QuantSpec, progress_bar
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantConvBn2d, QuantLinear, fold_bn
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -142,6 +143,14 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     _check_model(model)
     qat = copy.deepcopy(model)
     graph = _fx_graph(qat)
+    if config.quantize_adds:
+        if graph is None:
+            raise ValueError(
+                f"quantize_adds=True needs a model that traces with torch.fx; {type(model).__name__} does not "
+                "(pass quantize_adds=False)"
+            )
+        qat = _insert_add_quantizers(qat, config.activation)
+        graph = qat.graph
     chains = _chains_fx(qat, graph) if graph is not None else _chains_sequential(qat)
     if not chains:
         raise ValueError(
@@ -149,8 +158,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
         )
     keep = _resolve_keep(config.keep, [c[0] for c in chains], qat)
     open_outputs: set[str] = set()
+    quantized = {c[0] for c in chains if c[0] not in keep or config.keep_bits is not None}
     if config.quantize_outputs:
-        quantized = {c[0] for c in chains if c[0] not in keep or config.keep_bits is not None}
         if graph is None:
             warnings.warn(
                 f"quantize_outputs=True: {type(model).__name__} does not trace with torch.fx, so no layer outputs "
@@ -159,6 +168,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
             )
         else:
             open_outputs = _open_outputs(graph, chains, quantized)
+    # quantize_adds: layers whose input is already codes read them as they are (one quantizer per tensor)
+    reads_codes = _reads_codes(graph, chains, open_outputs & quantized) if config.quantize_adds else set()
     for chain in chains:
         layer_path, relu_path = chain[0], chain[-1]
         bn_path = chain[1] if len(chain) == 3 else None
@@ -166,6 +177,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
         wspec, aspec = config.spec_for("weight", is_kept), config.spec_for("activation", is_kept)
         if is_kept and wspec is None and aspec is None:
             continue
+        in_spec = None if layer_path in reads_codes else aspec
         layer = _get(qat, layer_path)
         fuse_relu = bool(relu_path) and config.fuse_relu
         if bn_path is not None:
@@ -176,14 +188,14 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
                     w, b = fold_bn(layer.weight, layer.bias, bn)
                     folded.weight.copy_(w)
                     folded.bias = nn.Parameter(b.detach().clone())
-                new = QuantConv2d(folded, wspec, aspec, relu=fuse_relu)
+                new = QuantConv2d(folded, wspec, in_spec, relu=fuse_relu)
             else:
-                new = QuantConvBn2d(layer, bn, wspec, aspec, relu=fuse_relu, mode=config.bn_mode)
+                new = QuantConvBn2d(layer, bn, wspec, in_spec, relu=fuse_relu, mode=config.bn_mode)
             _set(qat, bn_path, nn.Identity())
         elif isinstance(layer, nn.Conv2d):
-            new = QuantConv2d(layer, wspec, aspec, relu=fuse_relu)
+            new = QuantConv2d(layer, wspec, in_spec, relu=fuse_relu)
         else:
-            new = QuantLinear(layer, wspec, aspec, relu=fuse_relu)
+            new = QuantLinear(layer, wspec, in_spec, relu=fuse_relu)
         if config.quantize_outputs and aspec is not None and layer_path in open_outputs:
             new.output_quant = FakeQuantizer(aspec)
         _set(qat, layer_path, new)
@@ -206,6 +218,67 @@ def _open_outputs(graph: torch.fx.Graph, chains: list[list[str]], quantized: set
         to_quantized = all(u.op == "call_module" and u.target in quantized for u in users)
         if users and not to_output and not to_quantized:
             out.add(last[node.target])
+    return out
+
+
+_ADDS = (operator.add, torch.add)
+_RELUS = (torch.relu, torch.nn.functional.relu)
+
+
+def _insert_add_quantizers(model: nn.Module, spec: QuantSpec) -> torch.fx.GraphModule:
+    """A GraphModule of ``model`` with a FakeQuantizer after every tensor + tensor addition (after the ReLU
+    that is its only user, if any), held in ``add_quant`` (a ModuleDict keyed by the add's node name)."""
+    if hasattr(model, "add_quant"):
+        raise ValueError(
+            f"{type(model).__name__} already has an attribute 'add_quant'; quantize_adds needs the name"
+        )
+    gm = torch.fx.symbolic_trace(model)
+    graph = gm.graph
+    mods = dict(gm.named_modules())
+
+    def is_relu(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(mods.get(node.target), nn.ReLU)
+        return (node.op == "call_function" and node.target in _RELUS) or (
+            node.op == "call_method" and node.target == "relu"
+        )
+
+    adds = [
+        n
+        for n in graph.nodes
+        if ((n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target == "add"))
+        and len(n.args) >= 2
+        and all(isinstance(a, torch.fx.Node) for a in n.args[:2])
+    ]
+    gm.add_quant = nn.ModuleDict()
+    for add in adds:
+        users = list(add.users)
+        tail = users[0] if len(users) == 1 and is_relu(users[0]) else add
+        if any(u.op == "output" for u in tail.users):  # the model's own output stays float
+            continue
+        gm.add_quant[add.name] = FakeQuantizer(spec)
+        with graph.inserting_after(tail):
+            q = graph.call_module(f"add_quant.{add.name}", (tail,))
+        tail.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _reads_codes(graph: torch.fx.Graph, chains: list[list[str]], open_outputs: set[str]) -> set[str]:
+    """Layers (first names of ``chains``) whose input is already quantized: an ``add_quant`` quantizer's
+    output, or the output of a layer in ``open_outputs`` (which gets an output quantizer)."""
+    last = {(c[-1] or (c[1] if len(c) == 3 else c[0])): c[0] for c in chains}  # chain's last module -> layer
+    first = {c[0] for c in chains}
+    out = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in first or not node.args:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
+            continue
+        if src.target.startswith("add_quant.") or last.get(src.target) in open_outputs:
+            out.add(node.target)
     return out
 
 

@@ -78,6 +78,26 @@ def test_qat_run_row(setup):
     assert math.isnan(raw["ptq_acc"]) and 0 < raw["acc"] <= 1
 
 
+def test_qat_run_validates_on_the_held_out_split(setup):
+    """With val_loader, every epoch is scored on it and ``acc`` on the test loader alone, after training."""
+    from qatlab.data import reseed, validation_split
+
+    model, train, test = setup
+    val, rest = validation_split(test, 150, seed=0)
+    cfg = QATConfig(weight=QuantSpec(bits=4, symmetric=True), activation=QuantSpec(bits=4))
+    r = experiments.qat_run(model, cfg, train, rest, steps=8, lr=0.01, seed=1, epochs=2, val_loader=val)
+    assert len(r["history"]) == 2
+    assert r["val_acc"] == r["history"]["val_acc"].iloc[-1] == qatlab.accuracy(r["model"], val)
+    assert r["acc"] == qatlab.accuracy(r["model"], rest)
+    # without val_loader, each epoch is validated on the test loader itself
+    same = experiments.qat_run(model, cfg, train, rest, steps=8, lr=0.01, seed=1, epochs=2)
+    assert same["acc"] == r["acc"] and same["history"]["val_acc"].iloc[-1] == r["acc"]
+    assert "val_acc" not in same and "ptq_val_acc" not in same
+    reseed(train, 1)  # qat_run calibrates on 8 batches of the train loader reseeded with its seed
+    ptq = qatlab.calibrate(qatlab.prepare_qat(model, cfg), train, num_batches=8)
+    assert r["ptq_val_acc"] == qatlab.accuracy(ptq, val) and r["ptq_acc"] == qatlab.accuracy(ptq, rest)
+
+
 def test_qat_run_does_not_depend_on_what_ran_before(setup):
     """The train loader's shuffle generator advances with every pass; qat_run reseeds it (calibration and fit)."""
     model, train, test = setup

@@ -91,6 +91,28 @@ def test_digits_bad_arguments() -> None:
         digits_loaders(test_fraction="0.2")  # type: ignore[arg-type]
 
 
+def test_validation_split_is_a_seeded_partition() -> None:
+    _, test = digits_loaders(batch_size=32)
+    x, y = _all(test)
+    val, rest = data.validation_split(test, 100, seed=3)
+    (xv, yv), (xr, yr) = _all(val), _all(rest)
+    assert len(yv) == 100 and len(yr) == len(y) - 100 and val.batch_size == rest.batch_size == 32
+    # disjoint and together the whole loader: every image once, in one of the two
+    rows = {tuple(r.flatten().tolist()) for r in x}
+    assert {tuple(r.flatten().tolist()) for r in torch.cat([xv, xr])} == rows and len(rows) == len(y)
+    assert sorted(torch.cat([yv, yr]).tolist()) == sorted(y.tolist())
+    again, _ = data.validation_split(test, 100, seed=3)
+    other, _ = data.validation_split(test, 100, seed=4)
+    assert torch.equal(_all(again)[0], xv) and not torch.equal(_all(other)[0], xv)
+    assert torch.equal(_all(val)[0], xv)  # not shuffled: the same batches every pass
+    with pytest.raises(ValueError, match=r"size=450 leaves nothing to report.*at most 449"):
+        data.validation_split(test, len(y))
+    with pytest.raises(ValueError, match="size"):
+        data.validation_split(test, 0)
+    with pytest.raises(ValueError, match="loader must be a DataLoader"):
+        data.validation_split([(x, y)], 10)
+
+
 def test_loaders_dispatch_and_unknown_name() -> None:
     train, _ = loaders("digits", batch_size=8, seed=0)
     assert next(iter(train))[0].shape == (8, 1, 8, 8)
