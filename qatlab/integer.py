@@ -166,25 +166,18 @@ def accumulate(layer: IntegerConv, x_codes: np.ndarray, saturate: bool = False) 
     with AVX2 but no VNNI (depthwise convs excepted). Also returns how many pair sums were clipped. Raises if
     the accumulator leaves int32 (it cannot for 8-bit codes and fewer than 2**15 terms per output).
     """
-    x = np.asarray(x_codes).astype(np.int64)
-    w = layer.w.astype(np.int64)
-    out_c, cg, kh, kw = w.shape
-    per_group = out_c // layer.group
-    depthwise = cg == 1 and per_group == 1 and layer.group > 1
-    outs, clipped = [], 0
-    for g in range(layer.group):
-        cols, oh, ow = saturation.im2col(
-            x[:, g * cg : (g + 1) * cg], kh, kw, layer.pads, layer.strides, layer.dilations, layer.x_zero
-        )
-        wg = w[g * per_group : (g + 1) * per_group]
-        w_kn = np.transpose(wg, (2, 3, 1, 0)).reshape(-1, per_group)  # ONNX Runtime's (kh, kw, c) order
-        acc, n = saturation.int_matmul(cols, w_kn, saturate and not depthwise)
-        clipped += n
-        zw = layer.w_zero[g * per_group : (g + 1) * per_group]
-        k = cols.shape[1]  # the zero points come out after the raw-code sums, as the kernel does it
-        acc = acc - layer.x_zero * w_kn.sum(0)[None, :] - np.outer(cols.sum(1), zw) + k * layer.x_zero * zw
-        outs.append(acc.reshape(x.shape[0], oh, ow, per_group).transpose(0, 3, 1, 2))
-    acc = np.concatenate(outs, axis=1) + layer.bias_codes.astype(np.int64)[None, :, None, None]
+    acc, clipped = saturation.int_conv(
+        x_codes,
+        layer.x_zero,
+        layer.w,
+        layer.w_zero,
+        layer.group,
+        layer.pads,
+        layer.strides,
+        layer.dilations,
+        saturate,
+    )
+    acc = acc + layer.bias_codes.astype(np.int64)[None, :, None, None]
     if acc.min() < INT32_MIN or acc.max() > INT32_MAX:
         raise OverflowError(
             f"layer {layer.name!r}: the accumulator left int32 (range {acc.min()}..{acc.max()})"

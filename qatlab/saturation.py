@@ -509,11 +509,40 @@ def im2col(
     return cols.transpose(0, 3, 4, 1, 2).reshape(n * oh * ow, kh * kw * c), oh, ow
 
 
-def _attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return list(a.ints) if a.ints else a.i
-    return default
+def int_conv(
+    x: np.ndarray,
+    x_zero: int,
+    w: np.ndarray,
+    w_zero,
+    group: int = 1,
+    pads=(0, 0, 0, 0),
+    strides=(1, 1),
+    dilations=(1, 1),
+    saturate: bool = False,
+) -> tuple[np.ndarray, int]:
+    """The integer part of a quantized conv as ONNX Runtime's kernel computes it: ``sum (x - z_x)(w - z_w)``
+    over each output's window, (N, O, OH, OW) int64, from (N, C, H, W) codes ``x`` and (O, C/group, kh, kw)
+    codes ``w`` (``w_zero``: one zero point or one per output channel; ``pads`` in ONNX order). The raw codes
+    are multiplied first and the zero points taken out after, as the kernel does. ``saturate`` adds neighbouring
+    products in int16 with saturation (:func:`int_matmul`), except in depthwise convs, which ORT runs in its own
+    int32 kernel. Also returns how many pair sums were clipped."""
+    x, w = np.asarray(x).astype(np.int64), np.asarray(w).astype(np.int64)
+    zw = np.asarray(w_zero).astype(np.int64).reshape(-1)
+    out_c, cg, kh, kw = w.shape
+    per_group = out_c // group
+    depthwise = group > 1 and cg == 1 and per_group == 1
+    outs, clipped = [], 0
+    for g in range(group):
+        cols, oh, ow = im2col(x[:, g * cg : (g + 1) * cg], kh, kw, tuple(pads), strides, dilations, x_zero)
+        w_kn = np.transpose(w[g * per_group : (g + 1) * per_group], (2, 3, 1, 0)).reshape(-1, per_group)
+        acc, n = int_matmul(cols, w_kn, saturate and not depthwise)
+        clipped += n
+        zw_g = zw[g * per_group : (g + 1) * per_group] if zw.size > 1 else zw
+        acc = (
+            acc - x_zero * w_kn.sum(0)[None, :] - np.outer(cols.sum(1), zw_g) + cols.shape[1] * x_zero * zw_g
+        )
+        outs.append(acc.reshape(x.shape[0], oh, ow, per_group).transpose(0, 3, 1, 2))
+    return np.concatenate(outs, axis=1), clipped
 
 
 def _emulated_op(stats: dict[str, int]):
@@ -559,28 +588,13 @@ def _emulated_op(stats: dict[str, int]):
             return acc - zx * w.sum(0)[None, :] - np.outer(x.sum(1), zw) + k * zx * zw
 
         def _conv(self, x, zx, w, zw, saturate, attrs, layer):
-            group = int(attrs.get("group") or 1)
-            m, cg, kh, kw = w.shape
             pads = attrs.get("pads") or [0, 0, 0, 0]
-            pads = (pads[0], pads[1], pads[2], pads[3])
-            strides = attrs.get("strides") or [1, 1]
-            dilations = attrs.get("dilations") or [1, 1]
-            mg = m // group
-            outs = []
-            for g in range(group):
-                xg = x[:, g * cg : (g + 1) * cg]
-                wg = w[g * mg : (g + 1) * mg]
-                cols, oh, ow = im2col(xg, kh, kw, pads, strides, dilations, zx)
-                w_kn = np.transpose(wg, (2, 3, 1, 0)).reshape(-1, mg)
-                # depthwise convs run in ORT's own int32 depthwise kernel: no pairs, no saturation
-                acc, clipped = int_matmul(cols, w_kn, saturate and not (cg == 1 and mg == 1))
-                stats[layer] = stats.get(layer, 0) + clipped
-                zw_g = zw[g * mg : (g + 1) * mg] if zw.size > 1 else zw
-                acc = (
-                    acc - zx * w_kn.sum(0)[None, :] - np.outer(cols.sum(1), zw_g) + cols.shape[1] * zx * zw_g
-                )
-                outs.append(acc.reshape(x.shape[0], oh, ow, mg).transpose(0, 3, 1, 2))
-            return np.concatenate(outs, axis=1)
+            acc, clipped = int_conv(
+                x, zx, w, zw, int(attrs.get("group") or 1), tuple(pads[:4]),
+                attrs.get("strides") or [1, 1], attrs.get("dilations") or [1, 1], saturate,
+            )  # fmt: skip
+            stats[layer] = stats.get(layer, 0) + clipped
+            return acc
 
     return IntegerLayerOp
 
