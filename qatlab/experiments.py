@@ -255,8 +255,8 @@ def qat_run(
         done = validated and val_loader is None
         acc = float(history["val_acc"].iloc[-1]) if done else evaluate(qat, test_loader, device=device)["acc"]
     if val_loader is not None:
-        last = float(history["val_acc"].iloc[-1]) if validated else None
-        extra["val_acc"] = last if last is not None else evaluate(qat, val_loader, device=device)["acc"]
+        last = history["val_acc"].iloc[-1] if validated else evaluate(qat, val_loader, device=device)["acc"]
+        extra["val_acc"] = float(last)
     return {
         **labels,
         "seed": seed,

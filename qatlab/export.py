@@ -190,7 +190,7 @@ def export_onnx(
         scalar_scales: write per-tensor scales and zero points as scalars (rank 0) rather than shape ``[1]``,
             the shape of the quantizers' buffers. The arithmetic is the same; ONNX Runtime's fusion of
             ``DequantizeLinear -> Add -> QuantizeLinear`` into ``QLinearAdd`` (and of other element-wise ops)
-            takes scalars only, while ``QLinearConv`` and ``QLinearMatMul`` take either (notebook 02 shows it).
+            takes scalars only, while ``QLinearConv`` and ``QLinearConcat`` take either (:func:`fusion_probe`, notebook 02).
 
     Returns:
         The path written. The file passes ``onnx.checker.check_model(..., full_check=True)``.
