@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from qatlab import formats
 from qatlab.config import QATConfig, QuantSpec
 from qatlab.modules import FakeQuantizer, QuantConv2d, QuantLinear
 from qatlab.prepare import prepare_qat, run_batch
@@ -76,9 +77,12 @@ def layer_inputs(
 
 
 @torch.no_grad()
-def quantize_tensor(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Observe ``x`` with ``spec``'s observer and fake-quantize it: ``(x_hat, scale, zero_point)``."""
-    channels = x.shape[spec.ch_axis] if spec.per_channel else None
+def quantize_tensor(x: Tensor, spec: QuantSpec, is_weight: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Observe ``x`` with ``spec``'s observer and fake-quantize it: ``(x_hat, scale, zero_point)``.
+
+    ``is_weight``: ``x`` is a layer's weight (a conv weight is then blocked along Cin x kh x kw, as in the layer;
+    an (N, C, H, W) activation along C). For block formats the returned scale is not the block scales."""
+    channels = x.shape[spec.ch_axis] if spec.per_channel else (x.shape[0] if is_weight else None)
     fq = FakeQuantizer(spec.with_(ste="clipped"), channels).eval()
     fq.calibrating = True
     x_hat = fq(x)
@@ -99,24 +103,43 @@ def clipped_fraction(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSp
 def sqnr_table(
     tensors: Mapping[str, Tensor], specs: Mapping[str, QuantSpec], kind: str = "weight"
 ) -> pd.DataFrame:
-    """SQNR (dB) of every tensor under every spec: one row per (layer, spec)."""
+    """SQNR (dB) of every tensor under every spec: one row per (layer, spec).
+
+    Any ``qatlab.formats`` spec works (groups, FP8, MX, NVFP4): ``format``, ``bits_per_element`` (scales
+    included, :func:`qatlab.formats.bits_per_element`) and, for those, ``clipped_frac`` is the saturated fraction.
+    """
     rows = []
     for layer, x in tensors.items():
         for label, spec in specs.items():
-            x_hat, scale, zp = quantize_tensor(x, spec)
+            x_hat, scale, zp = quantize_tensor(x, spec, is_weight=kind == "weight")
+            view = x.flatten(1) if kind == "weight" and spec.blocked and x.dim() > 2 else x
+            if spec.blocked and kind != "weight" and x.dim() == 4 and spec.block_axis == -1:
+                view = x.movedim(1, -1)  # an activation blocks along its channels (FakeQuantizer's rule)
             rows.append(
                 {
                     "layer": layer,
                     "kind": kind,
                     "config": label,
                     "bits": spec.bits,
+                    "format": spec.format,
+                    "bits_per_element": formats.bits_per_element(spec, tuple(view.shape)),
                     "observer": spec.observer,
-                    "granularity": "per-channel" if spec.per_channel else "per-tensor",
+                    "granularity": _granularity(spec),
                     "sqnr_db": sqnr(x, x_hat),
-                    "clipped_frac": clipped_fraction(x, scale, zp, spec),
+                    "clipped_frac": clipped_fraction(x, scale, zp, spec)
+                    if spec.is_integer
+                    else formats.saturated_fraction(view, spec),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _granularity(spec: QuantSpec) -> str:
+    if spec.per_token:
+        return "per-token"
+    if spec.blocked:
+        return f"per-block ({spec.group_size or formats.FORMATS[spec.format][1]})"
+    return "per-channel" if spec.per_channel else "per-tensor"
 
 
 def bn_fold_channel_stats(weight, folded, bits: int = 8):

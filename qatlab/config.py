@@ -19,6 +19,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "dynamic")
+# Number formats (qatlab.formats): integer grids, and the floating-point element formats QAT targets today.
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp4", "nvfp4")
+# bits per element of each non-integer format
+FORMAT_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "mxfp8": 8, "mxfp4": 4, "nvfp4": 4}
 STES = ("clipped", "identity", "lsq", "pact")
 BN_MODES = ("fold", "simulate", "keep")
 MIN_BITS, MAX_BITS = 2, 16
@@ -81,13 +85,28 @@ class QuantSpec:
             (learned clipping value, Choi et al. 2018).
         averaging_constant: EMA weight of the newest batch for the ``"ema"`` observer.
         percentile: percentile (0 < p <= 100) of |x| or x kept by the ``"percentile"`` observer.
+        format: the number format (``qatlab.formats``): ``"int"`` (the integer grid above, the default);
+            ``"fp8_e4m3"`` / ``"fp8_e5m2"`` (FP8 elements, a scale ``amax / max_normal`` per tensor or per
+            channel); ``"mxfp8"`` / ``"mxfp4"`` (OCP Microscaling: blocks of 32 along ``block_axis`` sharing a
+            power-of-two scale, E4M3 / E2M1 elements); ``"nvfp4"`` (blocks of 16 with an E4M3 scale each and
+            an FP32 tensor scale, E2M1 elements). A non-integer format fixes the element width: leave ``bits``
+            out (it is set to 8 or 4).
+        group_size: integer format only: one scale (and zero point when asymmetric) per group of
+            ``group_size`` consecutive elements along ``block_axis`` (e.g. 32, 64, 128: "per-group int4").
+            The scales come from each tensor's own groups (min-max), every time it is quantized.
+        block_axis: the axis the groups/blocks run along, default -1: the reduction axis of a Linear weight
+            and of a Linear's input (a conv weight is blocked along its flattened ``Cin x kh x kw`` axis).
+        per_token: with ``observer="dynamic"``: one run-time range per row (per token) along ``block_axis``
+            instead of one per tensor, as in 8da4w (int8 per-token activations) and FP8 "rowwise".
 
     Example:
         >>> QuantSpec(bits=8).qmax
         255
+        >>> QuantSpec(format="mxfp4").bits
+        4
     """
 
-    bits: int = 8
+    bits: int | None = None
     symmetric: bool = False
     per_channel: bool = False
     ch_axis: int = 0
@@ -97,8 +116,23 @@ class QuantSpec:
     ste: str = "clipped"
     averaging_constant: float = 0.01
     percentile: float = 99.99
+    format: str = "int"
+    group_size: int | None = None
+    block_axis: int = -1
+    per_token: bool = False
 
     def __post_init__(self) -> None:
+        check_choice("format", self.format, FORMATS)
+        if self.format != "int":
+            width = FORMAT_BITS[self.format]
+            if self.bits is not None and self.bits != width:
+                raise ValueError(
+                    f"bits={self.bits!r} conflicts with format={self.format!r}, whose elements have {width} bits: "
+                    "leave bits out for a non-integer format (or use format='int' for an integer grid)"
+                )
+            object.__setattr__(self, "bits", width)
+        elif self.bits is None:
+            object.__setattr__(self, "bits", 8)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(
                 f"bits={self.bits!r} must be an int between {MIN_BITS} and {MAX_BITS}, e.g. bits=8"
@@ -137,6 +171,80 @@ class QuantSpec:
             raise ValueError(f"averaging_constant={self.averaging_constant!r} must be in (0, 1], e.g. 0.01")
         if not (math.isfinite(self.percentile) and 0.0 < self.percentile <= 100.0):
             raise ValueError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        """The combinations of ``format``, ``group_size``, ``block_axis`` and ``per_token`` that make sense."""
+        if isinstance(self.block_axis, bool) or not isinstance(self.block_axis, int):
+            raise TypeError(f"block_axis={self.block_axis!r} must be an int (-1: the last axis)")
+        if not isinstance(self.per_token, bool):
+            raise TypeError(f"per_token={self.per_token!r} must be a bool (True or False)")
+        if self.group_size is not None:
+            check_positive_int("group_size", self.group_size)
+            if self.format != "int":
+                raise ValueError(
+                    f"group_size={self.group_size} is for format='int'; format={self.format!r} fixes its own blocks "
+                    "(MX: 32, NVFP4: 16; FP8: per tensor or per channel): drop group_size"
+                )
+        if self.per_token and self.observer != "dynamic":
+            raise ValueError(
+                "per_token=True takes each row's range at run time: it needs observer='dynamic' "
+                "(or per_token=False for a calibrated per-tensor range)"
+            )
+        blocked = self.group_size is not None or self.per_token or self.format in ("mxfp8", "mxfp4", "nvfp4")
+        if blocked and self.per_channel:
+            what = f"format={self.format!r}" if self.format != "int" else "group_size/per_token"
+            raise ValueError(
+                f"per_channel=True with {what}: the scales are per block along block_axis already; "
+                "use per_channel=False"
+            )
+        if self.format == "int" and not blocked:
+            return
+        if self.ste not in ("clipped", "identity"):
+            scales = (
+                "a power-of-two scale" if self.format.startswith("mx") else "scales computed from each tensor"
+            )
+            raise ValueError(
+                f"ste={self.ste!r} learns a stored integer scale; {self.format!r}"
+                f"{' with group_size' if self.group_size else ''} uses {scales}, which LSQ/PACT do not cover "
+                "here: use ste='clipped' (gradient 1 where the element is not saturated) or 'identity'"
+            )
+        if self.format != "int" and self.observer == "mse":
+            raise ValueError(
+                f"observer='mse' searches an integer grid; for format={self.format!r} use 'minmax', 'ema', "
+                "'percentile' or 'dynamic'"
+            )
+        if self.format == "int" and self.observer not in ("minmax", "dynamic"):
+            raise ValueError(
+                f"observer={self.observer!r} with group_size/per_token: group ranges are each tensor's own "
+                "min-max; use observer='minmax' (weights) or 'dynamic' (activations)"
+            )
+        if self.reduce_range or self.narrow_range:
+            if self.format != "int":
+                raise ValueError(
+                    f"reduce_range/narrow_range are integer-grid options; drop them for format={self.format!r}"
+                )
+        if self.format != "int" and not self.symmetric:
+            object.__setattr__(self, "symmetric", True)  # floating-point elements are sign-magnitude
+
+    @property
+    def blocked(self) -> bool:
+        """True when scales are per block along ``block_axis`` (groups, per token, MX, NVFP4), computed from
+        each tensor as it is quantized, rather than stored per tensor or per channel."""
+        return self.group_size is not None or self.per_token or self.format in ("mxfp8", "mxfp4", "nvfp4")
+
+    @property
+    def stored_scale(self) -> bool:
+        """True when the scale is calibrated and stored (the integer grid; FP8 per tensor or per channel; NVFP4's
+        tensor scale), False when every tensor brings its own (groups, per token, MX, ``observer="dynamic"``)."""
+        if self.observer == "dynamic" or self.per_token or self.group_size is not None:
+            return False
+        return self.format not in ("mxfp8", "mxfp4")
+
+    @property
+    def is_integer(self) -> bool:
+        """True for the plain integer path of ``qatlab.quant`` (no groups, no float format)."""
+        return self.format == "int" and not self.blocked
 
     @property
     def range_bits(self) -> int:
@@ -286,7 +394,12 @@ class QATConfig:
         spec = self.weight if kind == "weight" else self.activation
         if spec is None or not keep:
             return spec
-        return None if self.keep_bits is None else spec.with_(bits=self.keep_bits)
+        if self.keep_bits is None:
+            return None
+        if spec.format != "int" or spec.blocked:  # a kept layer gets the lab's integer default at keep_bits
+            default = default_weight_spec() if kind == "weight" else default_activation_spec()
+            return default.with_(bits=self.keep_bits)
+        return spec.with_(bits=self.keep_bits)
 
 
 def lab_config(bits: int, activations: bool = True, bn_mode: str = "simulate") -> QATConfig:

@@ -67,11 +67,17 @@ KNOWN_QUANT_MODULES = (QuantConv2d, QuantConvBn2d, QuantLinear)
 MIN_OPSET = 19  # QuantizeLinear with per-axis scales and the saturating types below
 
 
-def _onnx_translation(scalar_scales: bool = False):
-    """The onnxscript function that replaces ``qatlab::fake_quant`` in the exported graph; ``scalar_scales``
-    writes per-tensor scales and zero points as rank-0 tensors instead of shape ``[1]``."""
+FP4_OPSET = 23  # QuantizeLinear/DequantizeLinear with FLOAT4E2M1 (MXFP4, NVFP4)
+
+
+def _onnx_translation(scalar_scales: bool = False, opset: int = 21):
+    """The onnxscript functions that replace ``qatlab::fake_quant`` and ``qatlab::fake_quant_format`` in the
+    exported graph; ``scalar_scales`` writes per-tensor scales and zero points as rank-0 tensors instead of
+    shape ``[1]``."""
+    import onnxscript
     from onnx import TensorProto
-    from onnxscript import opset21 as op
+
+    op = onnxscript.opset23 if opset >= FP4_OPSET else onnxscript.opset21
 
     def fake_quant_qdq(
         x, scale, zero_point, quant_min: int, quant_max: int, axis: int, ste: int, grad_factor: float
@@ -94,7 +100,93 @@ def _onnx_translation(scalar_scales: bool = False):
             q = op.Clip(q, lo, hi)
         return op.DequantizeLinear(q, scale, zp, **kw)
 
-    return {torch.ops.qatlab.fake_quant.default: fake_quant_qdq}
+    def fake_quant_format_qdq(x, scale, fmt: int, block: int, axis: int, qmin: int, qmax: int, ste: int):
+        return _format_qdq(op, TensorProto, x, scale, fmt, block, axis, qmin, qmax)
+
+    return {
+        torch.ops.qatlab.fake_quant.default: fake_quant_qdq,
+        torch.ops.qatlab.fake_quant_format.default: fake_quant_format_qdq,
+    }
+
+
+def _format_qdq(op, tp, x, scale, fmt: int, block: int, axis: int, qmin: int, qmax: int):
+    """``qatlab::fake_quant_format`` as ONNX: the format's scales computed in the graph in ``formats.py``'s op
+    order (so the reference evaluator reproduces PyTorch bit for bit), then QuantizeLinear/DequantizeLinear into
+    the ONNX element type: INT4/INT8/UINT4/UINT8 blocked (``block_size``, opset 21), FLOAT8E4M3FN/FLOAT8E5M2,
+    FLOAT4E2M1 (opset 23). For a weight the scale computation is a constant subgraph ORT folds at load."""
+    from qatlab import formats
+
+    def const(v: float):
+        return op.Constant(value_float=float(v))
+
+    if block == 0:  # FP8 with a per-tensor or per-channel scale
+        elem = formats._BY_CODE[fmt][1]
+        kw = {"axis": axis} if axis >= 0 else {}
+        q = op.QuantizeLinear(x, scale, output_dtype=_ONNX_ELEMENT[elem.name], saturate=1, **kw)
+        return op.DequantizeLinear(q, scale, **kw)
+    xb = op.Reshape(x, op.Constant(value_ints=[0, -1, block]))
+    amax = op.ReduceMax(op.Abs(xb), op.Constant(value_ints=[2]), keepdims=0)
+    blk = {"axis": 1, "block_size": block}
+    if fmt == formats.INT_CODE:
+        signed, span = qmin < 0, qmax - qmin + 1
+        if span == 16:
+            to, container = (tp.INT4 if signed else tp.UINT4), 16
+        else:
+            to, container = (tp.INT8 if signed else tp.UINT8), 256
+        if signed:  # zero point 0: left out, the code type given by output_dtype
+            s = op.Max(op.Div(amax, const(qmax)), const(formats.EPS))
+            q = op.QuantizeLinear(x, s, output_dtype=to, **blk)
+        else:
+            axes = op.Constant(value_ints=[2])
+            lo = op.Min(op.ReduceMin(xb, axes, keepdims=0), const(0.0))
+            hi = op.Max(op.ReduceMax(xb, axes, keepdims=0), const(0.0))
+            s = op.Max(op.Div(op.Sub(hi, lo), const(qmax - qmin)), const(formats.EPS))
+            z = op.Clip(op.Sub(const(qmin), op.Round(op.Div(lo, s))), const(qmin), const(qmax))
+            zp = op.Cast(z, to=to)
+            q = op.QuantizeLinear(x, s, zp, **blk)
+        if span != container:
+            q = op.Clip(
+                q, op.Cast(op.Constant(value_int=qmin), to=to), op.Cast(op.Constant(value_int=qmax), to=to)
+            )
+        return op.DequantizeLinear(q, s, **blk) if signed else op.DequantizeLinear(q, s, zp, **blk)
+    name, elem = formats._BY_CODE[fmt]
+    if name in ("mxfp8", "mxfp4"):
+        s = _mx_scale_onnx(op, tp, amax, elem.emax, const)
+    elif name == "nvfp4":
+        b = op.Clip(
+            op.Div(op.Div(amax, const(6.0)), scale), const(formats.NVFP4_BLOCK_SCALE_MIN), const(448.0)
+        )
+        # the two levels as ONNX writes them: E4M3 block scales dequantized by the float32 tensor scale
+        s = op.DequantizeLinear(op.Cast(b, to=tp.FLOAT8E4M3FN, saturate=1), op.Squeeze(scale))
+    else:  # FP8 per token
+        s = op.Max(op.Div(amax, const(elem.max)), const(formats.EPS))
+    q = op.QuantizeLinear(x, s, output_dtype=_ONNX_ELEMENT[elem.name], saturate=1, **blk)
+    return op.DequantizeLinear(q, s, **blk)
+
+
+def _mx_scale_onnx(op, tp, amax, emax: int, const):
+    """The MX scale ``2**clamp(floor(log2(max(amax, 2**-126))) - emax, -127, 127)`` exactly in ONNX ops: a
+    float Log gives floor(log2) to within one near powers of two, corrected against an exact table of powers of
+    two (Gather), which also builds the scale (ONNX Pow of 2 is not exact in every runtime)."""
+    table = op.Constant(value=_pow2_table())  # 2**k for k = -127 .. 128, index k + 127
+    a = op.Max(amax, const(2.0**-126))
+    e0 = op.Clip(op.Floor(op.Mul(op.Log(a), const(1.0 / np.log(2.0)))), const(-126.0), const(128.0))
+    p = op.Gather(table, op.Cast(op.Add(e0, const(127.0)), to=tp.INT64))
+    up = op.Cast(op.GreaterOrEqual(a, op.Mul(p, const(2.0))), to=tp.FLOAT)
+    down = op.Cast(op.Greater(p, a), to=tp.FLOAT)
+    shared = op.Clip(op.Sub(op.Sub(op.Add(e0, up), down), const(emax)), const(-127.0), const(127.0))
+    return op.Gather(table, op.Cast(op.Add(shared, const(127.0)), to=tp.INT64))
+
+
+def _pow2_table():
+    from onnx import numpy_helper
+
+    with np.errstate(over="ignore"):  # 2**128 is inf in float32: only compared against, never used as a scale
+        table = np.ldexp(1.0, np.arange(-127, 129)).astype(np.float32)
+    return numpy_helper.from_array(table, "pow2")
+
+
+_ONNX_ELEMENT = {"e4m3": 17, "e5m2": 19, "e2m1": 23}  # TensorProto.FLOAT8E4M3FN, FLOAT8E5M2, FLOAT4E2M1
 
 
 @contextlib.contextmanager
@@ -140,6 +232,11 @@ def check_exportable(model: nn.Module, opset: int) -> None:
                 f"quantizer {name!r} uses {q.spec.bits} bits; ONNX export supports 2..8 bits "
                 "(keep that layer in float with QATConfig(keep=...) instead)"
             )
+        if q.spec.format in ("mxfp4", "nvfp4") and opset < FP4_OPSET:
+            raise ValueError(
+                f"quantizer {name!r} uses {q.spec.format} (FLOAT4E2M1), which needs opset >= {FP4_OPSET}; "
+                f"got opset={opset}: pass opset={FP4_OPSET} or opset=None (the lowest that works)"
+            )
         if q.spec.range_bits <= 4 and opset < 21:
             raise ValueError(
                 f"{q.spec.range_bits}-bit quantizer {name!r} needs opset >= 21 (INT4/UINT4); got opset={opset}"
@@ -167,11 +264,13 @@ def export_onnx(
     path: str | os.PathLike,
     example_input: Tensor | tuple[Tensor, ...],
     dynamic_batch: bool = True,
-    opset: int = 21,
+    opset: int | None = None,
     dynamic_dims: dict[int, str] | None = None,
     input_names: tuple[str, ...] | None = None,
     output_names: tuple[str, ...] = ("output",),
     scalar_scales: bool = False,
+    fold_codes: bool | None = None,
+    matmul_nbits: bool = False,
 ) -> Path:
     """Export a prepared (calibrated or trained) model to an ONNX QDQ file; BatchNorm is folded first.
 
@@ -184,13 +283,22 @@ def export_onnx(
         path: the ``.onnx`` file to write; its folder must exist.
         example_input: one input tensor (or a tuple for several inputs) of the right shape.
         dynamic_batch: make dimension 0 of every input dynamic.
-        opset: ONNX opset; 21 (default) has the INT4/UINT4 types 4-bit export needs.
+        opset: ONNX opset; ``None`` (default): 21, which has the INT4/UINT4 types and blocked QuantizeLinear,
+            or 23 when a quantizer uses FLOAT4E2M1 (MXFP4, NVFP4).
         dynamic_dims: more dynamic dimensions of every input, e.g. ``{1: "sequence"}`` for token ids.
         input_names, output_names: graph input/output names (default ``input``, ``input_1``, ...).
         scalar_scales: write per-tensor scales and zero points as scalars (rank 0) rather than shape ``[1]``,
             the shape of the quantizers' buffers. The arithmetic is the same; ONNX Runtime's fusion of
             ``DequantizeLinear -> Add -> QuantizeLinear`` into ``QLinearAdd`` (and of other element-wise ops)
             takes scalars only, while ``QLinearConv`` and ``QLinearConcat`` take either (:func:`fusion_probe`, notebook 02).
+        fold_codes: store each weight as codes in its quantized type plus DequantizeLinear
+            (:func:`fold_weight_codes`) instead of float weights plus QuantizeLinear. ``None`` (default): on when a
+            quantizer uses a ``qatlab.formats`` format (groups, FP8, MX, NVFP4), whose file size is part of the
+            point; off for plain integer grids, whose files stay as they were.
+        matmul_nbits: write Linear layers with symmetric per-group int4 weights (``group_size`` a power of two
+            >= 16) as ONNX Runtime's ``MatMulNBits`` (:func:`to_matmul_nbits`), its int4 CPU kernel, instead of
+            DequantizeLinear + Gemm, which ORT runs as a float GEMM after dequantizing. A ``ValueError`` when no
+            layer qualifies.
 
     Returns:
         The path written. The file passes ``onnx.checker.check_model(..., full_check=True)``.
@@ -205,6 +313,8 @@ def export_onnx(
         raise FileNotFoundError(
             f"folder {str(path.parent)!r} does not exist; create it first (Path(...).mkdir(parents=True))"
         )
+    if opset is None:
+        opset = FP4_OPSET if any(q.spec.format in ("mxfp4", "nvfp4") for _, q in quantizers(model)) else 21
     check_exportable(model, opset)
     inputs = _as_tuple(example_input)
     if dynamic_batch:
@@ -231,12 +341,206 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes,
             input_names=list(names),
             output_names=list(output_names),
-            custom_translation_table=_onnx_translation(scalar_scales),
+            custom_translation_table=_onnx_translation(scalar_scales, opset),
             verbose=False,
         )
     atomic(path, lambda tmp: program.save(str(tmp)))
     onnx.checker.check_model(str(path), full_check=True)
+    if fold_codes is None:
+        fold_codes = any(not q.spec.is_integer for _, q in quantizers(model))
+    if fold_codes or matmul_nbits:
+        fold_weight_codes(path)
+    if matmul_nbits and not to_matmul_nbits(path):
+        raise ValueError(
+            "matmul_nbits=True, but no Linear layer has symmetric per-group int4 weights with a power-of-two "
+            "group_size >= 16: use weight=QuantSpec(bits=4, symmetric=True, group_size=32), or matmul_nbits=False"
+        )
     _warn_if_saturates(path)
+    return path
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+MATMUL_NBITS_DOMAIN = "com.microsoft"
+
+
+def to_matmul_nbits(path: str | os.PathLike, accuracy_level: int = 0) -> int:
+    """Rewrite every Linear of ``path`` whose weight is stored as symmetric per-group int4 codes (INT4 codes,
+    blocked DequantizeLinear along K, groups a power of two >= 16) into ONNX Runtime's contrib op
+    ``com.microsoft.MatMulNBits``: its CPU kernel for block-wise int4 weights, the path ORT's LLM tooling uses.
+    The weight codes are repacked (code + 8, two per byte, low nibble first along K, the op's default zero
+    point 8), the scales kept; the activation path in front is unchanged. Returns the number of layers rewritten.
+
+    ``accuracy_level``: the op's attribute: 0 (default) computes in float32 (the lab's semantics: only the
+    summation order differs); 4 lets ORT quantize the activations to int8 per block on the fly (faster on CPUs
+    with int8 dot products, but no longer the model that was trained).
+    The reference evaluator runs the op through ``saturation.run_reference``'s numpy implementation.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(path)
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users = Counter(i for n in graph.node for i in n.input)
+    new_nodes, drop, rewritten = [], set(), 0
+    for node in graph.node:
+        if node.op_type not in ("Gemm", "MatMul"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w_in = node.input[1]
+        transpose = None
+        if node.op_type == "Gemm":
+            if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                continue
+            if len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 1.0:
+                continue
+        else:
+            transpose = producer.get(w_in)
+            if transpose is None or transpose.op_type != "Transpose" or users[w_in] != 1:
+                continue
+            perm = [helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"]
+            if perm and list(perm[0]) != [1, 0]:
+                continue
+            w_in = transpose.input[0]
+        dq = producer.get(w_in)
+        if dq is None or dq.op_type != "DequantizeLinear" or users[w_in] != 1 or len(dq.input) > 2:
+            continue
+        dq_attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        block = dq_attrs.get("block_size", 0)
+        codes_init, scale_init = inits.get(dq.input[0]), inits.get(dq.input[1])
+        if (
+            codes_init is None
+            or scale_init is None
+            or codes_init.data_type != onnx.TensorProto.INT4
+            or dq_attrs.get("axis", 1) != 1
+            or block < 16
+            or block & (block - 1)
+        ):
+            continue
+        codes = numpy_helper.to_array(codes_init).astype(np.int16)  # (N, K) signed int4
+        n_out, k = codes.shape
+        blocks = -(-k // block)
+        u = np.zeros((n_out, blocks * block), np.uint8)
+        u[:, :k] = codes + 8
+        pairs = u.reshape(n_out, blocks, block // 2, 2)
+        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+        scales = numpy_helper.to_array(scale_init).astype(np.float32).reshape(-1)
+        stem = node.name or node.output[0]
+        b_name, s_name = f"{stem}_nbits_B", f"{stem}_nbits_scales"
+        graph.initializer.extend(
+            [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)]
+        )
+        out = node.output[0]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        mm_out = f"{out}_nbits" if bias else out
+        new_nodes.append(
+            (
+                node,
+                [
+                    helper.make_node(
+                        "MatMulNBits",
+                        [node.input[0], b_name, s_name],
+                        [mm_out],
+                        name=f"{stem}_MatMulNBits",
+                        domain=MATMUL_NBITS_DOMAIN,
+                        K=k,
+                        N=n_out,
+                        bits=4,
+                        block_size=block,
+                        accuracy_level=accuracy_level,
+                    )
+                ]
+                + ([helper.make_node("Add", [mm_out, bias], [out], name=f"{stem}_bias")] if bias else []),
+            )
+        )
+        drop.update(id(n) for n in (dq, transpose) if n is not None)
+        rewritten += 1
+    if not rewritten:
+        return 0
+    replace = {id(old): repl for old, repl in new_nodes}
+    nodes = []
+    for n in graph.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == MATMUL_NBITS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MATMUL_NBITS_DOMAIN, 1))
+    atomic(path, lambda tmp: onnx.save(proto, str(tmp)))
+    onnx.checker.check_model(str(path))
+    return rewritten
+
+
+def fold_weight_codes(path: str | os.PathLike) -> Path:
+    """Rewrite ``path`` so every value computable from the file's constants alone is stored, not computed: each
+    weight's QuantizeLinear (and the block-scale arithmetic before it) becomes an initializer of codes in the
+    quantized type (INT4, FLOAT8E4M3FN, FLOAT4E2M1, ...) followed by DequantizeLinear, the usual QDQ deployment
+    form. The values come from the ONNX reference evaluator run on the constant part of the graph, so the file
+    computes exactly what it computed before; it only shrinks (4-bit codes are stored packed, two per byte).
+    """
+    import onnx
+    from onnx import helper
+
+    path = Path(path)
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    const = {init.name for init in graph.initializer}
+    const_nodes = []
+    for node in graph.node:  # topological order
+        if node.op_type == "Constant" or (node.input and all(i in const for i in node.input if i)):
+            const_nodes.append(node)
+            const.update(o for o in node.output if o)
+    # A constant DequantizeLinear that a computed node reads stays in the graph, so its codes are what is stored
+    # (weights; NVFP4's E4M3 block scales); its output is still folded into constant consumers (NVFP4's weight
+    # QuantizeLinear reads the dequantized block scales).
+    # The same holds for the shape ops between it and its reader (a conv weight is blocked as a 2-D view).
+    const_ids = {id(n) for n in const_nodes}
+    outputs = {o.name for o in graph.output}
+    dequantized: set[str] = set()  # values that are a DequantizeLinear's output, maybe reshaped
+    for n in const_nodes:
+        if n.op_type == "DequantizeLinear" or (n.op_type in _SHAPE_OPS and n.input[0] in dequantized):
+            dequantized.update(n.output)
+    live_inputs = {i for n in graph.node if id(n) not in const_ids for i in n.input if i} | outputs
+    kept_dq: set[int] = set()
+    for n in reversed(const_nodes):
+        if n.output[0] in dequantized and any(o in live_inputs for o in n.output):
+            kept_dq.add(id(n))
+            live_inputs.update(i for i in n.input if i)
+    live = [n for n in graph.node if id(n) not in const_ids or id(n) in kept_dq]
+    needed = {i for n in live for i in n.input if i} | outputs
+    frontier = [v for n in const_nodes if id(n) not in kept_dq for v in n.output if v in needed]
+    if not frontier:
+        return path
+    sub = helper.make_graph(
+        const_nodes,
+        "constants",
+        [],
+        [helper.make_value_info(v, onnx.TypeProto()) for v in frontier],
+        list(graph.initializer),
+    )
+    sub_model = helper.make_model(sub, opset_imports=proto.opset_import)
+    values = saturation.run_reference(sub_model, [], outputs=frontier)
+    from onnx import numpy_helper
+
+    kept = [init for init in graph.initializer if init.name in needed]
+    folded = [numpy_helper.from_array(np.asarray(v), name) for name, v in zip(frontier, values, strict=True)]
+    del graph.node[:]
+    graph.node.extend(live)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + folded)
+    kept_names = {i.name for i in graph.initializer} | {o for n in live for o in n.output}
+    keep_info = [vi for vi in graph.value_info if vi.name in kept_names and vi.name not in set(frontier)]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_info)
+    atomic(path, lambda tmp: onnx.save(proto, str(tmp)))
+    onnx.checker.check_model(str(path), full_check=True)
     return path
 
 
@@ -319,6 +623,9 @@ def flip_lsb(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, float]:
         for h in hooks:
             h.remove()
     last = order[-1]
+    if last.input_quant is not None and not last.input_quant.spec.is_integer:
+        # a format's block scales come from each input: no one code step; the output's 8-bit step is the unit
+        return output, float(torch.finfo(torch.float32).eps)
     s_in = last.input_quant.scale.max() if last.input_quant is not None else torch.tensor(0.0)
     w = last.folded()[0] if isinstance(last, QuantConvBn2d) else last.weight
     return output, float(s_in * w.abs().max()) or float(torch.finfo(torch.float32).eps)
@@ -443,7 +750,13 @@ def verify_onnx(
     with torch.no_grad():
         ref, flip = flip_lsb(deployed, tuple(t.to(device) for t in inputs))
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
-    out = ort_outputs(path, inputs, threads=threads)
+    try:
+        out = ort_outputs(path, inputs, threads=threads)
+        ort_error = None
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the file is a result, reported below
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise
+        out, ort_error = np.full_like(ref, np.nan), _first_line(exc)
     # One output LSB: the 8-bit resolution of the output, or one input-code flip of the last layer when
     # that is coarser (low-bit grids): a tie broken the other way must not count as a mismatch.
     lsb = max(output_lsb(ref), flip)
@@ -460,8 +773,15 @@ def verify_onnx(
         layers_at_risk=at_risk,
         saturates_here=cpu.saturates and bool(at_risk),
         diagnosis=None,
+        ort_error=ort_error,
     )
-    if not result["passed"] and result["saturates_here"]:
+    if ort_error is not None:  # said, never skipped: the file is checked by the reference evaluator only
+        result["passed"] = False
+        result["diagnosis"] = (
+            f"ONNX Runtime {_ort_version()} cannot run this file on CPU ({ort_error}); the export is checked by "
+            "the ONNX reference evaluator only. See export.format_runtime_table for what each runtime runs."
+        )
+    elif not result["passed"] and result["saturates_here"]:
         result["diagnosis"], result["emulated_vs_ort_lsb"] = _saturation_diagnosis(
             path, inputs, out, ref, lsb, semantic, at_risk, risk
         )
@@ -469,6 +789,81 @@ def verify_onnx(
     if layerwise:
         result["layers"] = compare_layers(deployed, path, inputs, threads=threads)
     return result
+
+
+def format_runtime_table(
+    models: dict[str, nn.Module], inputs: Tensor | tuple[Tensor, ...], folder: str | os.PathLike | None = None
+):
+    """Which runtime runs which number format: one row per ``models`` entry (a prepared, calibrated model),
+    exported to ``folder`` (default ``build/onnx/formats``) and run by the ONNX reference evaluator and by ONNX
+    Runtime on this CPU. Nothing falls back silently: a runtime that cannot load or run a file says so in its
+    columns and in ``note``.
+
+    Columns: ``format``, ``opset``, ``file_kb`` (the file), ``weights_kb`` (its initializers: codes, scales and
+    whatever stays float), per runtime ``<rt>_loads``, ``<rt>_computes``, ``<rt>_matches`` (within one output LSB
+    of the PyTorch model, :func:`verify_onnx`'s test) and ``<rt>_max_abs_diff``, for ``rt`` in ``reference`` and
+    ``ort``; ``note`` (the first line of an error).
+    """
+    import onnx
+    import pandas as pd
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = _as_tuple(inputs)
+    folder = Path(folder) if folder is not None else build_dir() / "onnx" / "formats"
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = [t.detach().cpu().numpy() for t in inputs]
+    rows = []
+    for name, model in models.items():
+        path = export_onnx(model, folder / f"{name.replace(' ', '_').replace('/', '_')}.onnx", inputs[0][:1])
+        deployed = convert(model)
+        with torch.no_grad():
+            ref, flip = flip_lsb(deployed, inputs)
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
+        lsb = max(output_lsb(ref), flip)
+        proto = onnx.load(str(path))
+        row = {
+            "format": name,
+            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "file_kb": path.stat().st_size / 1024,
+            "weights_kb": sum(len(i.SerializeToString()) for i in proto.graph.initializer) / 1024,
+        }
+        notes = []
+        for rt in ("reference", "ort"):
+            row.update({f"{rt}_loads": False, f"{rt}_computes": False, f"{rt}_matches": False})
+            row[f"{rt}_max_abs_diff"] = float("nan")
+            stage = "loads"
+            try:
+                if rt == "reference":
+                    ReferenceEvaluator(proto)
+                    row[f"{rt}_loads"], stage = True, "computes"
+                    out = saturation.run_reference(proto, arrays)[0]
+                else:
+                    session = ort_session(path)
+                    row[f"{rt}_loads"], stage = True, "computes"
+                    out = session.run(None, _feed(session, inputs))[0]
+                row[f"{rt}_computes"] = True
+            except Exception as exc:  # noqa: BLE001 - a runtime refusing a format is the finding
+                notes.append(
+                    f"{rt} ({'does not load' if stage == 'loads' else 'fails to run'}): {_first_line(exc)}"
+                )
+                continue
+            parity = _parity(ref, out, lsb, flip, 1.0, 0.999)
+            row[f"{rt}_matches"] = parity["passed"]
+            row[f"{rt}_max_abs_diff"] = parity["max_abs_diff"]
+        row["note"] = "; ".join(notes)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def export_and_check(
@@ -516,6 +911,8 @@ def describe_parity(report: dict[str, Any]) -> str:
         )
         + (" (ok)" if report["passed"] else " (differs)"),
     ]
+    if report.get("ort_error"):
+        lines[1] = f"ONNX Runtime on this CPU: cannot run the file ({report['ort_error']})"
     at_risk = report["layers_at_risk"]
     if at_risk:
         named = ", ".join(at_risk[:4]) + (f" and {len(at_risk) - 4} more" if len(at_risk) > 4 else "")

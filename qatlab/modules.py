@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qatlab import formats
 from qatlab.config import QuantSpec
 from qatlab.observers import make_observer
 from qatlab.quant import SCALE_EPS, dynamic_qparams, fake_quant
@@ -39,6 +40,9 @@ class FakeQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, num_channels: int | None = None) -> None:
         super().__init__()
         self.spec = spec
+        # a weight quantizer (it knows its channel count): a conv weight is blocked along Cin x kh x kw
+        self.is_weight = num_channels is not None
+        self.conv_spec = spec.with_(block_axis=1) if spec.blocked and spec.block_axis == -1 else spec
         self.observer = make_observer(spec, num_channels)
         n = num_channels if spec.per_channel else 1
         if spec.learned:
@@ -54,8 +58,9 @@ class FakeQuantizer(nn.Module):
 
     @property
     def dynamic(self) -> bool:
-        """True when each tensor is quantized with its own run-time range (``observer="dynamic"``)."""
-        return self.spec.observer == "dynamic"
+        """True when each tensor is quantized with its own run-time range (``observer="dynamic"``), or with
+        block scales computed from it (groups, per token, MX: ``qatlab.formats``)."""
+        return not self.spec.stored_scale
 
     @property
     def calibrated(self) -> bool:
@@ -88,8 +93,19 @@ class FakeQuantizer(nn.Module):
                 "FakeQuantizer has no range yet (observers update only in training or calibration): run "
                 "qatlab.calibrate(model, loader) first"
             )
+        if not self.spec.is_integer:  # FP8 or NVFP4 with a calibrated scale
+            return self._format(x, self.scale)
         scale = torch.clamp(self.scale, min=SCALE_EPS) if self.spec.learned else self.scale
         return fake_quant(x, scale, self.zero_point, self.spec, self.grad_factor)
+
+    def _format(self, x: Tensor, scale: Tensor | None) -> Tensor:
+        """``qatlab.formats.fake_quant``; a conv weight (4-D) is blocked along its flattened Cin x kh x kw axis."""
+        spec = self.spec
+        if self.is_weight and spec.blocked and x.dim() > 2:
+            return formats.fake_quant(x.flatten(1), spec, scale).reshape(x.shape)
+        if spec.blocked and x.dim() == 4 and spec.block_axis == -1:
+            spec = self.conv_spec  # an (N, C, H, W) activation blocks along C, the axis a conv reduces over
+        return formats.fake_quant(x, spec, scale)
 
     def _dynamic(self, x: Tensor) -> Tensor:
         # The range of this very tensor (ONNX DynamicQuantizeLinear's formula); scale and zero_point keep the
@@ -98,6 +114,8 @@ class FakeQuantizer(nn.Module):
             self.observer(x)
         if not self.fake_quant_enabled:
             return x
+        if not self.spec.is_integer:  # block scales from the tensor itself (qatlab.formats)
+            return self._format(x, None)
         scale, zero_point = dynamic_qparams(x, self.spec)
         if not torch.compiler.is_compiling():
             with torch.no_grad():
@@ -107,8 +125,11 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
+        fmt = "" if s.format == "int" else f"format={s.format}, "
+        fmt += "" if s.group_size is None else f"group_size={s.group_size}, "
+        fmt += "per_token, " if s.per_token else ""
         return (
-            f"bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, "
+            f"{fmt}bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, "
             f"{'per_channel' if s.per_channel else 'per_tensor'}, observer={s.observer}, ste={s.ste}, "
             f"fake_quant={self.fake_quant_enabled}, observer_on={self.observer_enabled}"
         )
@@ -148,6 +169,8 @@ class _QuantLayer(nn.Module):
         """
         qa, qw = self.input_quant, self.weight_quant
         if b is None or qa is None or qw is None or not (qa.fake_quant_enabled and qw.fake_quant_enabled):
+            return b
+        if not (qa.spec.is_integer and qw.spec.is_integer):  # no integer accumulator grid (qatlab.formats)
             return b
         s = (qa.scale.detach() * qw.scale.detach()).reshape(-1)  # (C,) or (1,): the accumulator's LSB
         b_q = torch.clamp(torch.round(b / s), -(2**31), 2**31 - 1) * s

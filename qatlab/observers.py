@@ -150,6 +150,10 @@ class Observer(nn.Module):
                 "or a training step with observers enabled first"
             )
         # the range is finite (checked in forward) and ordered by construction: no need for qparams' checks
+        if self.spec.format != "int":
+            from qatlab.formats import stored_qparams
+
+            return stored_qparams(self.min_val, self.max_val, self.spec)
         return qparams_unchecked(self.min_val, self.max_val, self.spec)
 
     def reset(self) -> None:

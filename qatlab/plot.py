@@ -822,3 +822,86 @@ def finding_panels(df: pd.DataFrame, reference: dict[str, float] | None = None, 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 10: number formats ---------------------------------------------------------------------------
+
+
+def format_lattices(names: tuple[str, ...] = ("int4", "e2m1", "e4m3", "e5m2")) -> Figure:
+    """The non-negative values of each element format, scaled so its largest is 1: an integer grid is evenly
+    spaced, a floating-point one dense near 0 and coarse near its maximum. ``"intN"`` is the symmetric N-bit
+    grid (0..2**(N-1)-1); the others are ``qatlab.formats`` element names. Left: linear axis; right: log axis
+    (zero left out), where a float format's binades are evenly spaced."""
+    from qatlab import formats
+    from qatlab.config import QuantSpec
+
+    fig, axes = _new(1, 2, size=(5.5, 0.55 * len(names) + 1.2))
+    labels = []
+    for k, name in enumerate(names):
+        if name.startswith("int"):
+            values = formats.lattice(QuantSpec(bits=int(name[3:]), symmetric=True)).numpy()
+        else:
+            values = formats.lattice(name).numpy()
+        labels.append(f"{name} ({len(values)} values)")
+        pos = values[values >= 0]
+        pos = pos / pos.max()
+        for ax, v in ((axes[0][0], pos), (axes[0][1], pos[pos > 0])):
+            ax.plot(v, np.full(len(v), k), "|", color=f"C{k % 10}", ms=12, mew=1.2)
+    for ax, scale in zip(axes[0], ("linear", "log"), strict=True):
+        ax.set_xscale(scale)
+        ax.set_yticks(range(len(names)), labels)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.set_xlabel("value / largest value" + (" (log)" if scale == "log" else ""))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_title("representable values, linear")
+    axes[0][1].set_title("the same, log axis")
+    fig.tight_layout()
+    return fig
+
+
+def block_scale_row(
+    row: torch.Tensor, quantized: dict[str, torch.Tensor], block: int = 32, title: str = ""
+) -> Figure:
+    """One weight row and what each format makes of it: top, the values (grey) and each format's quantized
+    values (dots), block boundaries every ``block`` elements; bottom, the error per element. A block scale
+    follows the local magnitude, so a block of small values keeps its resolution next to a block with an
+    outlier."""
+    fig, axes = _new(2, 1, size=(10.0, 2.8), sharex=True)
+    ax, ax_err = axes[0][0], axes[1][0]
+    x = np.arange(row.numel())
+    values = row.detach().float().numpy()
+    ax.plot(x, values, color="0.6", lw=1.0, label="float")
+    for k, (name, q) in enumerate(quantized.items()):
+        qv = q.detach().float().numpy()
+        ax.plot(x, qv, ".", ms=3, color=f"C{k % 10}", label=name)
+        ax_err.plot(x, qv - values, ".", ms=3, color=f"C{k % 10}", label=name)
+    for a in (ax, ax_err):
+        for b in range(block, row.numel(), block):
+            a.axvline(b - 0.5, color="0.85", lw=0.8, zorder=0)
+    ax.set_ylabel("value")
+    ax_err.set_ylabel("error q(w) - w")
+    ax_err.set_xlabel(f"element along the row (grey lines: blocks of {block})")
+    ax.set_title(title)
+    legend_outside(ax)
+    fig.tight_layout()
+    return fig
+
+
+def format_error_histograms(x: torch.Tensor, quantized: dict[str, torch.Tensor], title: str = "") -> Figure:
+    """Histograms of the error ``q(x) - x`` of each format on one tensor, overlaid (log count), the error axis in
+    units of the tensor's standard deviation."""
+    fig, axes = _new(1, 1, size=(7.0, 3.4))
+    ax = axes[0][0]
+    std = float(x.detach().float().std()) or 1.0
+    errs = {k: ((q - x).detach().float().flatten() / std).numpy() for k, q in quantized.items()}
+    span = max(float(np.abs(e).max()) for e in errs.values()) or 1.0
+    bins = np.linspace(-span, span, 121)
+    for (name, e), (colour, ls) in zip(errs.items(), group_styles(len(errs)), strict=True):
+        ax.hist(e, bins=bins, histtype="step", color=colour, ls=ls, lw=1.3, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("error q(x) - x, in standard deviations of x")
+    ax.set_ylabel("count (log)")
+    ax.set_title(title)
+    legend_outside(ax)
+    fig.tight_layout()
+    return fig

@@ -263,3 +263,47 @@ def bn_fold_explorer(layers, layer: str | None = None, bits: int = 8) -> W.VBox:
 
 
 # ---- end 03 ------------------------------------------------------------------------------------------------
+
+
+# ---- 10 number formats -------------------------------------------------------------------------------------
+
+
+def update_format_error(tensors, specs, layer: str, kind: str, fmt: str):
+    """The error histogram of one layer's weight or input activation in one format (no widgets involved), with
+    the SQNR, the bits per element and the saturated fraction in the title.
+
+    ``tensors`` maps ``"weight"`` and ``"activation"`` to ``{layer: tensor}``; ``specs`` maps a format name to
+    its :class:`~qatlab.config.QuantSpec`.
+    """
+    x = tensors[kind][layer]
+    table = analysis.sqnr_table({layer: x}, {fmt: specs[fmt]}, kind=kind)
+    row = table.iloc[0]
+    x_hat, _, _ = analysis.quantize_tensor(x, specs[fmt], is_weight=kind == "weight")
+    title = (
+        f"{layer} {kind}, {fmt}: SQNR {row['sqnr_db']:.1f} dB, {row['bits_per_element']:.2f} bits/element, "
+        f"{100 * row['clipped_frac']:.2f}% saturated"
+    )
+    return plot.format_error_histograms(x, {fmt: x_hat}, title=title)
+
+
+def format_explorer(tensors, specs) -> W.VBox:
+    """Pick a number format, a layer and weight or activation; the error histogram and its numbers update.
+
+    CSS classes: ``qatlab-fmt-explorer`` (the box), ``qatlab-fmt-format``, ``qatlab-fmt-layer``,
+    ``qatlab-fmt-kind``, ``qatlab-fmt-output``.
+    """
+    layers = list(tensors["weight"])
+    fmt = W.Dropdown(options=list(specs), value=next(iter(specs)), description="format")
+    layer = W.Dropdown(options=layers, value=layers[0], description="layer")
+    kind = W.ToggleButtons(options=["weight", "activation"], value="weight")
+    out = W.Output()
+    tag("qatlab-fmt", format=fmt, layer=layer, kind=kind, output=out)
+
+    def redraw(_=None):
+        fig = update_format_error(tensors, specs, layer.value, kind.value, fmt.value)
+        show_figure(out, fig, fig.axes[0].get_title())
+
+    for control in (fmt, layer, kind):
+        control.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([fmt, layer, kind]), out]).add_class("qatlab-fmt-explorer")
