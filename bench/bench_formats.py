@@ -59,7 +59,10 @@ def fake_quant_table(reps: int) -> list[str]:
         "| tensor | format | ms | / int8 path |",
         "|---|---|---:|---:|",
     ]
-    for label, shape, per_channel in (("weight 256x1024", (256, 1024), True), ("activation 64x512", (64, 512), False)):
+    for label, shape, per_channel in (
+        ("weight 256x1024", (256, 1024), True),
+        ("activation 64x512", (64, 512), False),
+    ):
         torch.manual_seed(0)
         x, up = torch.randn(shape), torch.randn(shape)
         spec8 = QuantSpec(bits=8, symmetric=per_channel, per_channel=per_channel)

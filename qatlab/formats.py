@@ -47,9 +47,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qatlab import quant
 from qatlab.config import QuantSpec
+from qatlab.quant import channel_axis, qparams_unchecked
 
-EPS = torch.finfo(torch.float32).eps  # the smallest integer/FP8 scale (an all-zero range), as quant.SCALE_EPS
+EPS = quant.SCALE_EPS  # the smallest integer/FP8 scale: an all-zero range gets it, never 0
 MIN_NORMAL = 2.0**-126  # float32's smallest normal: the floor of an MX block amax and of NVFP4's tensor scale
 NVFP4_BLOCK_SCALE_MIN = 2.0**-9  # E4M3's smallest subnormal
 
@@ -451,9 +453,6 @@ def _scale_arg(scale: Tensor | float | None, x: Tensor, spec: QuantSpec) -> Tens
 
 def _int_fake_quant(x: Tensor, spec: QuantSpec) -> Tensor:
     """A plain integer spec over ``x``'s own min-max (per tensor or per channel): the reference row of tables."""
-    from qatlab.quant import channel_axis, qparams_unchecked
-    from qatlab.quant import fake_quant as int_fake_quant
-
     axis = channel_axis(x, spec)
     xd = x.detach().float()
     if axis >= 0:
@@ -462,7 +461,7 @@ def _int_fake_quant(x: Tensor, spec: QuantSpec) -> Tensor:
     else:
         lo, hi = xd.amin().reshape(1), xd.amax().reshape(1)
     s, z = qparams_unchecked(lo, hi, spec)
-    return int_fake_quant(x, s, z, spec)
+    return quant.fake_quant(x, s, z, spec)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,3 +536,40 @@ def describe(specs: dict[str, QuantSpec], shape: tuple[int, ...] = (256, 1024)):
             }
         )
     return pd.DataFrame(rows)
+
+
+def comparison_arms(group_size: int = 32, keep: tuple[str, ...] = (), keep_bits: int | None = None) -> dict:
+    """Notebook 10's formats at (nearly) equal bits per element, weights and activations each in its format,
+    as ``{name: QATConfig}``; every activation quantizer uses the clipped STE (no learned scales here).
+
+    4 bits: int4 per-channel weights with static per-tensor int4 activations (EMA); int4 per-group
+    (``group_size``) weights and dynamic per-group int4 activations; MXFP4; NVFP4 (static tensor scale for the
+    activations). 8 bits: int8 per-channel with static int8 activations; FP8 E4M3 (per-channel weight scales,
+    static activation scale); MXFP8. And 8da4w: int4 per-group weights, dynamic per-token int8 activations.
+    """
+    from qatlab.config import QATConfig
+
+    def cfg(weight: QuantSpec, activation: QuantSpec) -> QATConfig:
+        return QATConfig(weight=weight, activation=activation, keep=keep, keep_bits=keep_bits)
+
+    g = group_size
+    return {
+        "int4 per-channel": cfg(
+            QuantSpec(bits=4, symmetric=True, per_channel=True), QuantSpec(bits=4, observer="ema")
+        ),
+        f"int4 g{g}": cfg(
+            QuantSpec(bits=4, symmetric=True, group_size=g),
+            QuantSpec(bits=4, group_size=g, observer="dynamic"),
+        ),
+        "mxfp4": cfg(QuantSpec(format="mxfp4"), QuantSpec(format="mxfp4")),
+        "nvfp4": cfg(QuantSpec(format="nvfp4"), QuantSpec(format="nvfp4", observer="ema")),
+        "int8": cfg(QuantSpec(bits=8, symmetric=True, per_channel=True), QuantSpec(bits=8, observer="ema")),
+        "fp8_e4m3": cfg(
+            QuantSpec(format="fp8_e4m3", per_channel=True), QuantSpec(format="fp8_e4m3", observer="ema")
+        ),
+        "mxfp8": cfg(QuantSpec(format="mxfp8"), QuantSpec(format="mxfp8")),
+        "8da4w": cfg(
+            QuantSpec(bits=4, symmetric=True, group_size=g),
+            QuantSpec(bits=8, symmetric=True, observer="dynamic", per_token=True),
+        ),
+    }

@@ -16,7 +16,7 @@ import torch
 from IPython.display import display
 
 from qatlab import analysis, plot
-from qatlab.config import QuantSpec
+from qatlab.config import QATConfig, QuantSpec
 from qatlab.quant import sqnr
 
 
@@ -273,12 +273,16 @@ def update_format_error(tensors, specs, layer: str, kind: str, fmt: str):
     the SQNR, the bits per element and the saturated fraction in the title.
 
     ``tensors`` maps ``"weight"`` and ``"activation"`` to ``{layer: tensor}``; ``specs`` maps a format name to
-    its :class:`~qatlab.config.QuantSpec`.
+    its :class:`~qatlab.config.QuantSpec`, or to a :class:`~qatlab.config.QATConfig` whose weight or activation
+    spec is used according to ``kind``.
     """
     x = tensors[kind][layer]
-    table = analysis.sqnr_table({layer: x}, {fmt: specs[fmt]}, kind=kind)
+    spec = specs[fmt]
+    if isinstance(spec, QATConfig):
+        spec = spec.weight if kind == "weight" else spec.activation
+    table = analysis.sqnr_table({layer: x}, {fmt: spec}, kind=kind)
     row = table.iloc[0]
-    x_hat, _, _ = analysis.quantize_tensor(x, specs[fmt], is_weight=kind == "weight")
+    x_hat, _, _ = analysis.quantize_tensor(x, spec, is_weight=kind == "weight")
     title = (
         f"{layer} {kind}, {fmt}: SQNR {row['sqnr_db']:.1f} dB, {row['bits_per_element']:.2f} bits/element, "
         f"{100 * row['clipped_frac']:.2f}% saturated"

@@ -187,3 +187,30 @@ def test_layer_sensitivity_equals_one_ptq_per_layer(observer):
         assert row["acc"] == pytest.approx(
             float((out.argmax(1) == torch.cat([y for _, y in test])).float().mean())
         )
+
+
+def test_recovery_share_and_its_noise_floor():
+    """(QAT - PTQ) / (FP32 - PTQ) per arm, by hand; no share where PTQ lost under 3 standard errors; the verdict on
+    QAT vs PTQ comes from the seeds (paired); a per-row FP32 column works as a single accuracy does."""
+    import pandas as pd
+
+    runs = pd.DataFrame(
+        {
+            "arm": ["a", "a", "a", "b", "b", "b"],
+            "seed": [0, 1, 2, 0, 1, 2],
+            "ptq_acc": [0.80, 0.82, 0.81, 0.899, 0.900, 0.901],
+            "acc": [0.86, 0.87, 0.85, 0.899, 0.901, 0.900],
+        }
+    )
+    rec = experiments.recovery(runs, 0.90, n_test=10_000).set_index("arm")
+    # a: PTQ lost 9 points (mean 0.81), QAT won back 5 of them
+    assert rec.loc["a", "ptq_drop"] == pytest.approx(9.0) and rec.loc["a", "recovered"] == pytest.approx(
+        5 / 9
+    )
+    assert rec.loc["a", "qat_vs_ptq"] == "held" and rec.loc["a", "qat_gain"] == pytest.approx(5.0)
+    # b: 0 points lost, under 3 standard errors (0.9 points at 10,000 examples): nothing to recover
+    assert math.isnan(rec.loc["b", "recovered"]) and "3 standard errors (0.90 points)" in rec.loc["b", "note"]
+    per_row = experiments.recovery(runs.assign(fp32_acc=0.90), None, n_test=10_000)
+    assert per_row["recovered"].equals(rec.reset_index()["recovered"])
+    with pytest.raises(ValueError, match="fp32_acc"):
+        experiments.recovery(runs, None, n_test=100)

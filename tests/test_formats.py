@@ -303,3 +303,33 @@ def test_verify_onnx_reports_a_missing_kernel(tmp_path):
         assert "cannot run the file" in ex.describe_parity(report)
     else:
         assert report["passed"]
+
+
+def test_format_parity_is_judged_per_row_and_catches_a_wrong_scale(tmp_path):
+    """A float-format model passes semantic parity by rows (one tie flipped by float summation may move a row);
+    a model whose activation scale no longer matches the file fails it."""
+    torch.manual_seed(5)
+    x = torch.randn(64, 64)
+    model = ptq(_mlp(), QATConfig(weight=PAIRS["fp8_e4m3"][0], activation=PAIRS["fp8_e4m3"][1]), [(x, None)])
+    path = ex.export_onnx(model, tmp_path / "m.onnx", x[:1])
+    report = ex.verify_onnx(model, path, x)
+    assert report["semantic_passed"] and report["semantic_rows_within_lsb"] >= ex.FORMAT_ROW_SHARE
+    with torch.no_grad():
+        model[0].input_quant.scale.mul_(1.5)  # the model drifts from what was exported
+    assert not ex.verify_onnx(model, path, x)["semantic_passed"]
+
+
+def test_ragged_mx_conv_weight_is_stored_as_codes(tmp_path):
+    """A conv weight whose Cin x kh x kw (16 x 3 x 3 = 144) ends in a short MX block is zero-padded before the
+    quantizer and sliced after it; the file still stores FP4 codes (padded to 160), not the float weight, and
+    computes what the model computes."""
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(16, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    x = torch.randn(8, 16, 6, 6)
+    model = ptq(m, QATConfig(weight=QuantSpec(format="mxfp4"), activation=None), [(x, None)])
+    path = ex.export_onnx(model, tmp_path / "m.onnx", x[:1])
+    weights = {tuple(i.dims): i.data_type for i in onnx.load(str(path)).graph.initializer if len(i.dims) >= 2}
+    assert weights.get((8, 160)) == onnx.TensorProto.FLOAT4E2M1 and (8, 16, 3, 3) not in weights, weights
+    with torch.no_grad():
+        want = convert(model)(x).numpy()
+    assert np.abs(run_reference(path, [x.numpy()])[0] - want).max() <= 1e-5 * (1 + np.abs(want).max())

@@ -102,6 +102,15 @@ EXPLORERS = (
             Control("layer", "select #0", "{selected}"),
         ),
     ),
+    Explorer(
+        "10_number_formats",
+        "qatlab-fmt",
+        (
+            Control("format", "select nvfp4", ", nvfp4: SQNR"),
+            Control("kind", "click activation", " activation, "),
+            Control("layer", "select #1", "{selected}"),
+        ),
+    ),
 )
 CASES = [(e, c) for e in EXPLORERS for c in e.controls]
 
@@ -483,7 +492,7 @@ def test_every_explorer_and_control_is_covered():
     """The browser tests know every explorer the notebooks show and every control each explorer has."""
     import torch
 
-    from qatlab import widgets
+    from qatlab import QuantSpec, widgets
 
     shown = {
         nb.stem
@@ -496,6 +505,9 @@ def test_every_explorer_and_control_is_covered():
         "qatlab-fq": widgets.fake_quant_explorer(),
         "qatlab-qe": widgets.quant_error_explorer({"weight": {"l": w}, "activation": {"l": w}}),
         "qatlab-bn": widgets.bn_fold_explorer({"l": (w, 2 * w)}),
+        "qatlab-fmt": widgets.format_explorer(
+            {"weight": {"l": w}, "activation": {"l": w}}, {"mxfp4": QuantSpec(format="mxfp4")}
+        ),
     }
     assert set(boxes) == {e.prefix for e in EXPLORERS}
     for e in EXPLORERS:

@@ -70,6 +70,13 @@ def test_format_error_callback_follows_the_controls():
     assert values["fp8_e4m3"] > values["nvfp4"] > values["mxfp4"]
     fa = widgets.update_format_error(tensors, specs, "l", "activation", "nvfp4")
     assert "activation" in fa.axes[0].get_title() and "4.50 bits/element" in fa.axes[0].get_title()
+    # a QATConfig per format: the weight view uses its weight spec, the activation view its activation spec
+    arms = formats.comparison_arms(32)
+    fw = widgets.update_format_error(tensors, arms, "l", "weight", "8da4w")
+    fx = widgets.update_format_error(tensors, arms, "l", "activation", "8da4w")
+    assert (
+        "5.00 bits/element" in fw.axes[0].get_title() and "8.50 bits/element" in fx.axes[0].get_title()
+    )  # + a float32 scale per 64
     box = widgets.format_explorer(tensors, specs)
     assert "qatlab-fmt-explorer" in box._dom_classes
     for f in matplotlib.pyplot.get_fignums():
