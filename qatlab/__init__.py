@@ -2,8 +2,9 @@
 
 Where things live: the STE and quantization math in ``quant.py`` (when it runs as a compiled kernel:
 ``fused.py``), range estimation in ``observers.py``, fake-quant layers and BatchNorm folding in ``modules.py``,
-model surgery in ``prepare.py``, training in ``train.py``, one QAT run and PTQ sweeps in ``experiments.py``, ONNX
-export in ``export.py``.
+model surgery in ``prepare.py``, training and distillation (QAD) in ``train.py``, one QAT run and PTQ sweeps in
+``experiments.py``, per-layer sensitivity, accuracy fallback and mixed precision in ``precision.py``, number
+formats in ``formats.py``, ONNX export in ``export.py``.
 """
 
 from qatlab.config import QATConfig, QuantSpec, fast
@@ -21,6 +22,7 @@ from qatlab.prepare import (
 from qatlab.quant import dequantize, fake_quant, qparams, quantize, sqnr
 
 __all__ = [
+    "Distill",
     "QATConfig",
     "QuantSpec",
     "accuracy",
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 
 
 _LAZY = {
+    "Distill": "train",
     "accuracy": "train",
     "fit": "train",
     "evaluate": "train",

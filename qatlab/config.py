@@ -306,6 +306,11 @@ class QATConfig:
             runtime can then keep that layer in int8 too (ONNX Runtime: QLinearConv instead of a float conv
             between a DequantizeLinear and the pooling), as deployment needs; the QAT model gains a
             quantization point there, so its numbers differ slightly from the default's.
+        overrides: per-layer precision (mixed precision): ``{layer: (weight_spec, activation_spec)}``, each
+            spec a :class:`QuantSpec` or ``None`` (float), or ``{layer: None}`` for a layer left in float.
+            Names are qualified module names (or ``"first"``/``"last"``); an override wins over ``keep``.
+            Stored as a tuple of ``(layer, weight_spec, activation_spec)`` (the config stays hashable);
+            :meth:`layer_specs` gives it back as a dict. :mod:`qatlab.precision` writes these.
         quantize_adds: with ``quantize_outputs``, also quantize the result of every tensor addition (after a
             ReLU that directly follows it), and quantize each tensor **once, where it is produced**: a layer
             whose input is already codes (an addition's result, or another layer's quantized output, as at a
@@ -325,25 +330,15 @@ class QATConfig:
     fuse_relu: bool = True
     quantize_outputs: bool = False
     quantize_adds: bool = False
+    overrides: Any = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, QuantSpec):
             raise TypeError(
                 f"weight={self.weight!r} must be a QuantSpec, e.g. QuantSpec(bits=8, symmetric=True)"
             )
-        if self.activation is not None and not isinstance(self.activation, QuantSpec):
-            raise TypeError(f"activation={self.activation!r} must be a QuantSpec or None (weights only)")
-        if self.activation is not None and self.activation.per_channel:
-            raise ValueError(
-                "activation.per_channel=True is not supported: activations are quantized per tensor "
-                "(use per_channel=False)"
-            )
-        if self.weight.observer == "dynamic":
-            raise ValueError(
-                "weight.observer='dynamic' is for activations; weights use a stored range (e.g. 'minmax')"
-            )
-        if self.weight.ste == "pact":
-            raise ValueError("weight.ste='pact' is not supported: PACT learns an activation clip; use 'lsq'")
+        _check_layer_specs(self.weight, self.activation, "")
+        object.__setattr__(self, "overrides", _normalise_overrides(self.overrides))
         check_choice("bn_mode", self.bn_mode, BN_MODES)
         if self.quantize_outputs and self.activation is None:
             raise ValueError(
@@ -386,11 +381,25 @@ class QATConfig:
                 d[key] = QuantSpec(**d[key])
         if "keep" in d:
             d["keep"] = tuple(d["keep"])
+        if "overrides" in d:
+            d["overrides"] = tuple(
+                (name, *(QuantSpec(**s) if isinstance(s, dict) else s for s in specs))
+                for name, *specs in d["overrides"]
+            )
         return cls(**d)
 
-    def spec_for(self, kind: str, keep: bool) -> QuantSpec | None:
-        """The spec used for ``kind`` ("weight" or "activation") of a layer; ``None`` means float."""
+    def layer_specs(self) -> dict[str, tuple[QuantSpec | None, QuantSpec | None]]:
+        """The per-layer ``overrides`` as ``{layer: (weight_spec, activation_spec)}`` (``None``: float)."""
+        return {name: (w, a) for name, w, a in self.overrides}
+
+    def spec_for(self, kind: str, keep: bool, layer: str | None = None) -> QuantSpec | None:
+        """The spec used for ``kind`` ("weight" or "activation") of a layer; ``None`` means float. ``layer``
+        (its qualified name, resolved) picks its entry in ``overrides`` first."""
         check_choice("kind", kind, ("weight", "activation"))
+        if layer is not None:
+            for name, w, a in self.overrides:
+                if name == layer:
+                    return w if kind == "weight" else a
         spec = self.weight if kind == "weight" else self.activation
         if spec is None or not keep:
             return spec
@@ -400,6 +409,61 @@ class QATConfig:
             default = default_weight_spec() if kind == "weight" else default_activation_spec()
             return default.with_(bits=self.keep_bits)
         return spec.with_(bits=self.keep_bits)
+
+
+def _check_layer_specs(weight: Any, activation: Any, where: str) -> None:
+    """The checks a (weight, activation) pair of specs must pass; ``where`` names an override's layer."""
+    at = f" (overrides[{where!r}])" if where else ""
+    if weight is not None and not isinstance(weight, QuantSpec):
+        raise TypeError(
+            f"weight={weight!r}{at} must be a QuantSpec, e.g. QuantSpec(bits=8, symmetric=True)"
+            + (", or None for float" if where else "")
+        )
+    if activation is not None and not isinstance(activation, QuantSpec):
+        raise TypeError(f"activation={activation!r}{at} must be a QuantSpec or None (weights only)")
+    if activation is not None and activation.per_channel:
+        raise ValueError(
+            f"activation.per_channel=True{at} is not supported: activations are quantized per tensor "
+            "(use per_channel=False)"
+        )
+    if weight is not None and weight.observer == "dynamic":
+        raise ValueError(
+            f"weight.observer='dynamic'{at} is for activations; weights use a stored range (e.g. 'minmax')"
+        )
+    if weight is not None and weight.ste == "pact":
+        raise ValueError(f"weight.ste='pact'{at} is not supported: PACT learns an activation clip; use 'lsq'")
+
+
+def _normalise_overrides(overrides: Any) -> tuple[tuple[str, QuantSpec | None, QuantSpec | None], ...]:
+    """``overrides`` as a tuple of ``(layer, weight_spec, activation_spec)``, from a dict or such a tuple."""
+    fix = "pass overrides={'layer.name': (QuantSpec(bits=8, symmetric=True, per_channel=True), QuantSpec(bits=8))}"
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    elif isinstance(overrides, (tuple, list)) and all(
+        isinstance(t, (tuple, list)) and len(t) == 3 for t in overrides
+    ):
+        items = [(t[0], (t[1], t[2])) for t in overrides]
+    else:
+        raise TypeError(
+            f"overrides={overrides!r} must be a dict of layer -> (weight spec, activation spec); {fix}"
+        )
+    out = []
+    for name, specs in items:
+        if not isinstance(name, str):
+            raise TypeError(f"overrides key {name!r} must be a layer name (str); {fix}")
+        if specs is None:
+            specs = (None, None)
+        if not (isinstance(specs, (tuple, list)) and len(specs) == 2):
+            raise TypeError(
+                f"overrides[{name!r}]={specs!r} must be a pair (weight spec or None, activation spec or None), "
+                f"or None for float; {fix}"
+            )
+        _check_layer_specs(specs[0], specs[1], name)
+        out.append((name, specs[0], specs[1]))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"overrides names a layer twice: {names}; give each layer one entry")
+    return tuple(out)
 
 
 def lab_config(bits: int, activations: bool = True, bn_mode: str = "simulate") -> QATConfig:

@@ -22,7 +22,7 @@ from qatlab.config import QATConfig, progress_bar
 from qatlab.data import reseed
 from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare_qat, ptq, quantizers
 from qatlab.quant import sqnr
-from qatlab.train import evaluate, fit
+from qatlab.train import Distill, evaluate, fit
 
 
 @torch.no_grad()
@@ -181,6 +181,8 @@ def qat_run(
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     validate: bool = True,
     val_loader: Iterable | None = None,
+    teacher: nn.Module | None = None,
+    distill: Distill | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """One QAT run: prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, evaluate.
@@ -206,6 +208,8 @@ def qat_run(
         val_loader: where each epoch is validated (default ``test_loader``); a held-out split
             (:func:`qatlab.data.validation_split`) keeps choices made on it (an epoch, the model to export)
             out of the reported ``acc``, which is then measured once on ``test_loader`` at the end.
+        teacher, distill: quantization-aware distillation (fit's ``teacher``/``distill``): train on the
+            teacher's softened logits (e.g. ``teacher=model``, the float model this run quantizes).
 
     Returns:
         A row: the labels, ``seed``, ``ptq_acc`` (before fine-tuning, NaN when not calibrated), ``acc`` (final
@@ -247,6 +251,8 @@ def qat_run(
         progress=progress,
         on_epoch_start=on_epoch_start,
         on_epoch_end=on_epoch_end,
+        teacher=teacher,
+        distill=distill,
     )
     seconds = time.perf_counter() - start
     acc = nan

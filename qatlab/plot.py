@@ -905,3 +905,291 @@ def format_error_histograms(x: torch.Tensor, quantized: dict[str, torch.Tensor],
     legend_outside(ax)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 11: accuracy-aware mixed precision -----------------------------------------------------------
+
+
+def _require(df: pd.DataFrame, columns, who: str, arg: str = "df") -> None:
+    """A ValueError naming the columns ``df`` lacks and what to pass instead."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{who}: {arg} lacks column(s) {missing}; it has {list(df.columns)}. Pass a frame with columns "
+            f"{list(columns)} (one row per point)"
+        )
+
+
+_TRUTH_LABELS = {"acc_drop": "accuracy drop (points)", "acc": "accuracy (%)"}
+
+
+def _score_scale(values: np.ndarray) -> tuple[str, dict]:
+    """The x scale for sensitivity scores: log when every score is positive; with a score <= 0, symlog when the
+    non-zero magnitudes span more than two decades (linear up to the smallest of them), else linear."""
+    if not len(values):
+        return "linear", {}
+    if (values > 0).all():
+        return "log", {}
+    nonzero = np.abs(values[values != 0])
+    if len(nonzero) and nonzero.max() / nonzero.min() > 100:
+        return "symlog", {"linthresh": float(nonzero.min())}
+    return "linear", {}
+
+
+def _rho_text(row: pd.Series) -> str:
+    rho, ci = float(row["spearman"]), float(row.get("spearman_ci95", np.nan))
+    if not np.isfinite(rho):
+        return "ρ n/a"
+    return f"ρ = {rho:.2f}" + (f" ± {ci:.2f}" if np.isfinite(ci) else "")
+
+
+def estimator_scatter(
+    df: pd.DataFrame, truth: str = "acc_drop", corr: pd.DataFrame | None = None, title: str = ""
+) -> Figure:
+    """How well each sensitivity estimator predicts the measured damage: one panel per estimator, each layer's
+    score against the accuracy drop of quantizing that layer alone.
+
+    Args:
+        df: one row per (model, seed, layer, estimator) (and candidate precision, if any): ``estimator``,
+            ``score`` (larger = more harmful; may span decades, may be <= 0, e.g. ``-sqnr_db``), the ``truth``
+            column and, optionally, ``model`` (the colour; legend right of the panels), ``seed``, ``layer``.
+            ``qatlab.precision.long_scores`` returns it.
+        truth: the measured column on the y axis. An accuracy column (name starting with ``acc``, e.g.
+            ``acc_drop``, a fraction in [-1, 1]) is drawn in points (x 100); any other (``loss_increase``) as is.
+        corr: optional ``qatlab.precision.rank_correlation`` table (``estimator``, ``spearman``,
+            ``spearman_ci95`` (may be NaN), optionally ``model``): each panel's title then carries
+            "ρ = 0.82 ± 0.05" per model.
+        title: the figure's title.
+
+    Panels (``fig.axes``, visible ones first) follow the estimators' order of first appearance; in each, line k
+    holds model k's points (``get_xdata()`` = score, ``get_ydata()`` = truth, x 100 for accuracy). The x axis is
+    log when every score of the panel is positive, else symlog (non-zero magnitudes over two decades) or linear.
+    Points with a non-finite score or truth are left out, and the panel title says how many.
+
+    Example:
+        >>> fig = estimator_scatter(precision.long_scores(sens), corr=precision.rank_correlation(sens))  # doctest: +SKIP
+    """
+    _require(df, ["estimator", "score", truth], "estimator_scatter")
+    if not len(df):
+        raise ValueError(
+            "estimator_scatter: df is empty; pass qatlab.precision.long_scores(...) of a sensitivity run"
+        )
+    if corr is not None:
+        _require(corr, ["estimator", "spearman"], "estimator_scatter", arg="corr")
+    scale_y = 100.0 if truth.startswith("acc") else 1.0  # accuracy fractions in points
+    estimators = list(dict.fromkeys(df["estimator"]))
+    models = list(dict.fromkeys(df["model"])) if "model" in df.columns else [None]
+    styles = group_styles(len(models))
+    cols = min(3, len(estimators))
+    rows = -(-len(estimators) // cols)
+    fig, axes = _new(rows, cols, size=(4.2, 3.6), sharey=True)
+    for ax in axes.flat[len(estimators) :]:
+        ax.set_visible(False)
+    for ax, est in zip(axes.flat, estimators, strict=False):
+        part = df[df["estimator"] == est]
+        score = part["score"].to_numpy(dtype=float)
+        y = scale_y * part[truth].to_numpy(dtype=float)
+        ok = np.isfinite(score) & np.isfinite(y)
+        for m, (colour, _) in zip(models, styles, strict=True):
+            rows_m = ok & ((part["model"] == m).to_numpy() if m is not None else True)
+            ax.plot(score[rows_m], y[rows_m], "o", ls="none", ms=4, alpha=0.75, color=colour,
+                    label=str(m) if m is not None else None)  # fmt: skip
+        scale, kw = _score_scale(score[ok])
+        ax.set_xscale(scale, **kw)
+        ax.set_xlabel(f"{words(str(est))} score" + ("" if scale == "linear" else f" ({scale})"))
+        lines = [str(est)]
+        if corr is not None:
+            c = corr[corr["estimator"] == est]
+            if "model" in c.columns and len(c) > 1:
+                lines += [f"{r['model']}: {_rho_text(r)}" for _, r in c.iterrows()]
+            elif len(c):
+                lines[0] += f": {_rho_text(c.iloc[0])}"
+        if (~ok).any():
+            lines.append(f"({int((~ok).sum())} not finite, left out)")
+        ax.set_title("\n".join(lines), fontsize=9)
+        ax.grid(alpha=0.3)
+    ylabel = _TRUTH_LABELS.get(truth, f"{words(truth)}" + (" (points)" if scale_y == 100.0 else ""))
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    if models != [None]:
+        legend_outside(axes.flat[cols - 1], title="model")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# Weight precision labels (``qatlab.precision.precision_label``) -> colour, most bits first: greys for float,
+# blues for 8 bits, greens for 6/5, oranges/reds/purples for the 4-bit formats, browns/pinks below. The legend
+# follows this order; a label not listed gets a colour of its own from tab20b, in order of appearance.
+PRECISION_COLORS = {
+    "float": "#d9d9d9",
+    "fp16": "#bdbdbd",
+    "bf16": "#a3a3a3",
+    "int8": "#1f77b4",
+    "fp8": "#4292c6",
+    "fp8_e4m3": "#6baed6",
+    "fp8_e5m2": "#9ecae1",
+    "mxfp8": "#17becf",
+    "int6": "#2ca02c",
+    "int5": "#98df8a",
+    "int4": "#ff7f0e",
+    "int4 g128": "#e6550d",
+    "int4 g64": "#fdae6b",
+    "int4 g32": "#ffbb78",
+    "mxfp4": "#d62728",
+    "nvfp4": "#9467bd",
+    "int3": "#8c564b",
+    "int3 g32": "#c49c94",
+    "int2": "#e377c2",
+}
+
+
+def precision_colors(labels) -> dict[str, str]:
+    """Colour per precision label, in legend order: the listed ones (:data:`PRECISION_COLORS`) in its order,
+    then the others in order of appearance."""
+    seen = list(dict.fromkeys(str(v) for v in labels))
+    known = [k for k in PRECISION_COLORS if k in seen]
+    extra = [v for v in seen if v not in PRECISION_COLORS]
+    palette = plt.get_cmap("tab20b").colors
+    out = {k: PRECISION_COLORS[k] for k in known}
+    out.update({v: palette[(4 * i + i // 5) % len(palette)] for i, v in enumerate(extra)})
+    return out
+
+
+def precision_map(df: pd.DataFrame, title: str = "") -> Figure:
+    """The per-layer precision map drawn over the model: one row of boxes per map, one box per layer, coloured by
+    the layer's weight precision.
+
+    Args:
+        df: one row per (map, layer): ``map`` (a label, e.g. "fallback 1%" or "budget 4.5 bits"), ``layer``
+            (qualified module name; the order of first appearance is the model's order), ``precision`` (a short
+            label, "float", "int8", "int4 g32", "mxfp4", ...; colours in :data:`PRECISION_COLORS`) and optionally
+            ``params`` (weights in the layer). ``qatlab.precision.precision_map`` returns it.
+        title: the axes' title.
+
+    With ``params``, a box's width is proportional to the square root of its weight count (widths scaled to a
+    mean of 1): layers span orders of magnitude (a first conv of a few hundred weights, a classifier of a
+    million), so linear widths would hide the small layers that often matter most, while square-root widths
+    still make big layers look big. Without it every box has width 1. A layer a map lacks is left blank.
+
+    Drawn as: ``axes[0].patches``, map by map in order, one Rectangle per layer present (x: the layer's slot, y:
+    the map's row, the first map on top); y tick labels the maps, x tick labels the layers (every k-th past 20
+    layers); the legend, right of the axes, one entry per precision present.
+
+    Example:
+        >>> fig = precision_map(precision.precision_map(model, {"fallback 1%": cfg, "uniform int4": base}))  # doctest: +SKIP
+    """
+    from matplotlib.patches import Patch
+
+    _require(df, ["map", "layer", "precision"], "precision_map")
+    if not len(df):
+        raise ValueError("precision_map: df is empty; pass qatlab.precision.precision_map(model, configs)")
+    dup = df.duplicated(["map", "layer"])
+    if dup.any():
+        first = df.loc[dup, ["map", "layer"]].iloc[0].tolist()
+        raise ValueError(
+            f"precision_map: (map, layer) {first} appears more than once; one row per (map, layer)"
+        )
+    maps = list(dict.fromkeys(df["map"]))
+    layers = list(dict.fromkeys(df["layer"]))
+    if "params" in df.columns:
+        per_layer = df.groupby("layer", sort=False)["params"].agg(["min", "max"]).loc[layers]
+        bad = per_layer[~(np.isfinite(per_layer["min"].astype(float)) & (per_layer["min"] > 0))]
+        if len(bad):
+            raise ValueError(f"precision_map: params must be positive counts; layer {bad.index[0]!r} has "
+                             f"{bad['min'].iloc[0]}")  # fmt: skip
+        differ = per_layer[per_layer["min"] != per_layer["max"]]
+        if len(differ):
+            raise ValueError(f"precision_map: layer {differ.index[0]!r} has different params in different maps; "
+                             "one model per figure")  # fmt: skip
+        widths = np.sqrt(per_layer["min"].to_numpy(dtype=float))
+        widths = widths / widths.mean()
+    else:
+        widths = np.ones(len(layers))
+    lefts = np.concatenate([[0.0], np.cumsum(widths)[:-1]])
+    slot = {name: k for k, name in enumerate(layers)}
+    colours = precision_colors(df["precision"])
+    fig, axes = _new(1, 1, size=(float(np.clip(0.32 * len(layers) + 3.0, 6.0, 16.0)), 0.45 * len(maps) + 2.2))
+    ax = axes[0][0]
+    for k, name in enumerate(maps):
+        part = df[df["map"] == name]
+        idx = np.array([slot[layer] for layer in part["layer"]])
+        ax.barh(np.full(len(idx), len(maps) - 1 - k), widths[idx], left=lefts[idx], height=0.8,
+                color=[colours[str(p)] for p in part["precision"]], edgecolor="white", lw=0.8)  # fmt: skip
+    every = -(-len(layers) // 20)
+    ticks = np.arange(0, len(layers), every)
+    ax.set_xticks(lefts[ticks] + widths[ticks] / 2, [layers[i] for i in ticks],
+                  rotation=90 if len(ticks) > 6 else 30, ha="center" if len(ticks) > 6 else "right",
+                  fontsize=7)  # fmt: skip
+    ax.set_yticks(np.arange(len(maps))[::-1], maps)
+    ax.set_xlim(0.0, float(lefts[-1] + widths[-1]))
+    ax.set_ylim(-0.5, len(maps) - 0.5)
+    ax.set_xlabel("layer, in model order" + (" (box width ~ square root of its weights)" if "params" in df else "")
+                  + (f"; one name in {every} shown" if every > 1 else ""))  # fmt: skip
+    legend_outside(ax, handles=[Patch(color=c, label=p) for p, c in colours.items()], title="weights")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+_X_LABELS = {
+    "size_kb": "model size (KB)",
+    "size_mb": "model size (MB)",
+    "latency_ms": "ONNX Runtime latency (ms)",
+    "bits": "average bits per weight",
+    "avg_bits": "average bits per weight",
+}
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+
+
+def frontier(df: pd.DataFrame, x: str = "size_kb", reference: float | None = None, title: str = "") -> Figure:
+    """Accuracy against model size (or latency) per method: the accuracy-size frontier of mixed precision.
+
+    Args:
+        df: one row per (method, point, seed): ``method`` (e.g. "uniform", "PTQ mixed", "QAT mixed"), ``point``
+            (an id of the budget or config), the ``x`` column and ``acc`` (a fraction, drawn in %); ``seed`` is
+            not read (each row of a (method, point) is one seed).
+        x: the cost column: ``"size_kb"`` (model size, KB), ``"latency_ms"`` (ONNX Runtime latency, ms), ...
+        reference: the float (FP32) accuracy, a fraction: a dashed horizontal line, labelled in the legend.
+        title: the axes' title.
+
+    Per method (colour, marker and line style its own, order of first appearance), ``ax.containers[k]`` is an
+    errorbar whose line (``.lines[0]``) runs through the points sorted by ``x``: x = the point's mean ``x``
+    over seeds, y = its mean accuracy in %, vertical bars = the standard deviation over seeds (ddof=1; none
+    with one seed), horizontal bars the same for ``x`` where it varies over seeds (a measured latency).
+
+    Example:
+        >>> fig = frontier(points, x="size_kb", reference=float_acc)  # doctest: +SKIP
+    """
+    _require(df, ["method", "point", x, "acc"], "frontier")
+    if not len(df):
+        raise ValueError("frontier: df is empty; pass one row per (method, point, seed)")
+    methods = list(dict.fromkeys(df["method"]))
+    fig, axes = _new(1, 1, size=(7.0, 4.0))
+    ax = axes[0][0]
+    for k, (method, (colour, ls)) in enumerate(zip(methods, group_styles(len(methods)), strict=True)):
+        part = df[df["method"] == method]
+        g = part.groupby("point", sort=False)
+        stats = pd.DataFrame({
+            "x": g[x].mean(), "acc": g["acc"].mean(), "n": g["acc"].count(),
+            "acc_std": g["acc"].std(ddof=1), "x_std": g[x].std(ddof=1),
+        }).sort_values("x")  # fmt: skip
+        yerr = 100.0 * stats["acc_std"].to_numpy(dtype=float) if (stats["n"] > 1).any() else None
+        xstd = stats["x_std"].fillna(0.0).to_numpy(dtype=float)
+        ax.errorbar(
+            stats["x"].to_numpy(dtype=float), 100.0 * stats["acc"].to_numpy(dtype=float),
+            yerr=None if yerr is None else np.nan_to_num(yerr), xerr=xstd if (xstd > 0).any() else None,
+            marker=_MARKERS[k % len(_MARKERS)], capsize=3, color=colour, ls=ls, label=str(method),
+        )  # fmt: skip
+    if reference is not None:
+        ax.axhline(100.0 * reference, color="k", ls="--", lw=1, label=f"FP32 ({100.0 * reference:.2f}%)")
+    if x in ("bits", "w_bits", "a_bits"):
+        integer_ticks(ax, df[x])
+    ax.set_xlabel(_X_LABELS.get(x, words(x)))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    fig.tight_layout()
+    return fig

@@ -156,9 +156,28 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
         raise ValueError(
             f"model {type(model).__name__} has no quantizable layers (nn.Conv2d or nn.Linear); nothing to prepare"
         )
-    keep = _resolve_keep(config.keep, [c[0] for c in chains], qat)
+    layer_paths = [c[0] for c in chains]
+    keep = _resolve_keep(config.keep, layer_paths, qat)
+    # per-layer overrides, by resolved name ("first"/"last" allowed); an override wins over keep
+    overrides: dict[str, list] = {}
+    for name, *specs in config.overrides:
+        (path,) = _resolve_keep((name,), layer_paths, qat, what="overrides entry")
+        if path in overrides:
+            raise ValueError(
+                f"overrides names layer {path!r} twice (as {name!r} and as another name, e.g. 'first'/'last'); "
+                "give each layer one entry"
+            )
+        overrides[path] = specs
     open_outputs: set[str] = set()
-    quantized = {c[0] for c in chains if c[0] not in keep or config.keep_bits is not None}
+    quantized = {
+        p
+        for p in layer_paths
+        if (
+            any(s is not None for s in overrides[p])
+            if p in overrides
+            else p not in keep or config.keep_bits is not None
+        )
+    }
     if config.quantize_outputs:
         if graph is None:
             warnings.warn(
@@ -174,8 +193,11 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
         layer_path, relu_path = chain[0], chain[-1]
         bn_path = chain[1] if len(chain) == 3 else None
         is_kept = layer_path in keep
-        wspec, aspec = config.spec_for("weight", is_kept), config.spec_for("activation", is_kept)
-        if is_kept and wspec is None and aspec is None:
+        if layer_path in overrides:
+            wspec, aspec = overrides[layer_path]
+        else:
+            wspec, aspec = config.spec_for("weight", is_kept), config.spec_for("activation", is_kept)
+        if wspec is None and aspec is None:
             continue
         in_spec = None if layer_path in reads_codes else aspec
         layer = _get(qat, layer_path)
@@ -282,7 +304,9 @@ def _reads_codes(graph: torch.fx.Graph, chains: list[list[str]], open_outputs: s
     return out
 
 
-def _resolve_keep(keep: Iterable[str], layer_paths: list[str], model: nn.Module) -> set[str]:
+def _resolve_keep(
+    keep: Iterable[str], layer_paths: list[str], model: nn.Module, what: str = "keep entry"
+) -> set[str]:
     order = [n for n, m in model.named_modules() if n in set(layer_paths)]
     out = set()
     for name in keep:
@@ -294,7 +318,7 @@ def _resolve_keep(keep: Iterable[str], layer_paths: list[str], model: nn.Module)
             out.add(name)
         else:
             raise ValueError(
-                f"keep entry {name!r} is not a quantizable layer; choose from 'first', 'last', {order}"
+                f"{what} {name!r} is not a quantizable layer; choose from 'first', 'last', {order}"
             )
     return out
 

@@ -1,4 +1,4 @@
-"""QAT training loop: `fit` / `evaluate`, per-step LR schedule, BN / observer freezing."""
+"""QAT training loop: `fit` / `evaluate`, per-step LR, BN / observer freezing, distillation (`Distill`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -58,6 +60,122 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, schedule: s
         return lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Quantization-aware distillation (QAD): train the student on a teacher's softened outputs.
+
+    The loss is ``alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * label_loss``
+    with the KL averaged over the batch (``reduction="batchmean"``) and computed from log-softmaxes for
+    stability. ``T**2`` keeps the gradient's size independent of ``T`` (Hinton et al. 2015). ``alpha=1`` is pure
+    distillation, the default of NVIDIA ModelOpt's QAD: the float model teaches its own QAT copy.
+
+    Args:
+        temperature: ``T``, a finite number > 0; larger values soften both distributions.
+        alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the label loss.
+
+    Example:
+        >>> s, t = torch.zeros(2, 3), torch.zeros(2, 3)
+        >>> float(Distill(temperature=2.0).loss(s, t, torch.tensor([0, 1])))  # same distributions: KL = 0
+        0.0
+    """
+
+    temperature: float = 2.0
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, example in (("temperature", 2.0), ("alpha", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{name} must be a number, got {value!r} ({type(value).__name__}); pass e.g. {name}={example}"
+                )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature}; pass e.g. temperature=2.0"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1] (1 = pure distillation, 0 = labels only), got {self.alpha}; "
+                "pass e.g. alpha=1.0 or alpha=0.5"
+            )
+
+    def loss(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        targets: torch.Tensor,
+        label_loss_fn: LossFn | None = None,
+    ) -> torch.Tensor:
+        """The distillation objective for one batch (a scalar that backpropagates into ``student_logits``).
+
+        Args:
+            student_logits: ``(B, C, ...)`` logits of the model being trained; classes along dim 1.
+            teacher_logits: logits of the same shape (no gradient flows into them; cast to the student's dtype).
+            targets: labels for ``label_loss_fn``; unused when ``alpha == 1``.
+            label_loss_fn: ``fn(logits, targets)`` averaged over the batch; default cross entropy.
+
+        Returns:
+            ``alpha * T**2 * KL + (1 - alpha) * label_loss``; a term whose weight is 0 is not computed.
+
+        Example:
+            >>> s, t, y = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([0])
+            >>> round(float(Distill(temperature=1.0, alpha=1.0).loss(s, t, y)), 4)  # KL = 2 * tanh(1)
+            1.5232
+        """
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student_logits shape {tuple(student_logits.shape)} differs from teacher_logits shape "
+                f"{tuple(teacher_logits.shape)}; pass logits of the same shape (a teacher with the same classes)"
+            )
+        if student_logits.dim() < 2:
+            raise ValueError(
+                f"student_logits must be (B, C, ...) with classes along dim 1, got shape "
+                f"{tuple(student_logits.shape)}; pass batched logits"
+            )
+        total = student_logits.new_zeros(())
+        if self.alpha > 0:
+            T = self.temperature
+            student = F.log_softmax(student_logits / T, dim=1)
+            teacher = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / T, dim=1)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+            total = self.alpha * T * T * kl
+        if self.alpha < 1:
+            label_loss_fn = label_loss_fn if label_loss_fn is not None else nn.CrossEntropyLoss()
+            total = total + (1.0 - self.alpha) * label_loss_fn(student_logits, targets)
+        return total
+
+
+def _check_teacher(model: nn.Module, teacher: Any, distill: Any) -> Distill | None:
+    """The Distill to train with (None without a teacher), after checking the pair."""
+    if teacher is None:
+        if distill is not None:
+            raise ValueError(
+                f"distill={distill!r} needs a teacher; pass teacher=float_model (e.g. the model given to "
+                "prepare_qat) or drop distill"
+            )
+        return None
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}; pass the float model")
+    if teacher is model:
+        raise ValueError(
+            "teacher is the model being trained; pass a copy of the float model (prepare_qat returns a copy, "
+            "so teacher=float_model works), e.g. teacher=copy.deepcopy(model)"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    if any(id(p) in model_params for p in teacher.parameters()):
+        raise ValueError(
+            "teacher shares parameters with the model, so training would move the teacher too; pass "
+            "teacher=copy.deepcopy(teacher)"
+        )
+    distill = Distill() if distill is None else distill
+    if not isinstance(distill, Distill):
+        raise TypeError(
+            f"distill must be a qatlab.train.Distill or None, got {type(distill).__name__}; pass e.g. "
+            "distill=Distill(temperature=2.0, alpha=1.0)"
+        )
+    return distill
 
 
 def _unpack(batch: Any, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,15 +230,29 @@ def _steps_per_epoch(loader: Iterable, max_steps: int | None) -> int:
     return n if max_steps is None else min(n, max_steps)
 
 
-def _train_epoch(model, loader, opt, sched, loss_fn, device, steps, epoch, progress) -> tuple[float, ...]:
+def _train_epoch(
+    model, loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher=None, distill=None
+) -> tuple[float, ...]:
     total_loss, correct, n, lr_used = 0.0, 0, 0, opt.param_groups[0]["lr"]
     with progress_bar(
         total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False, progress=progress
     ) as bar:
         for step, batch in enumerate(itertools.islice(loader, steps)):
             x, y = _unpack(batch, "train_loader", device)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            if teacher is None:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                logits = model(x)
+                if teacher_logits.shape != logits.shape:
+                    raise ValueError(
+                        f"teacher's logits have shape {tuple(teacher_logits.shape)} but the model's have "
+                        f"{tuple(logits.shape)}; pass a teacher with the model's outputs (e.g. the float model "
+                        "the QAT model was prepared from)"
+                    )
+                loss = distill.loss(logits, teacher_logits, y, loss_fn)
             value = loss.item()
             lr_used = opt.param_groups[0]["lr"]
             if not math.isfinite(value):
@@ -155,6 +287,7 @@ def fit(
     progress: bool = True, loss_fn: LossFn | None = None, max_steps_per_epoch: int | None = None,
     on_epoch_start: Callable[[int, nn.Module], None] | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
+    teacher: nn.Module | None = None, distill: Distill | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Train `model` in place (moved to `device`, left in train mode) and return its history.
 
@@ -170,13 +303,28 @@ def fit(
     schedule or `DistributedSampler.set_epoch`. `on_epoch_end(epoch, model, row)` gets the epoch's history row
     (a dict it may update in place, e.g. with a loss averaged over ranks) before it is stored: e.g. a checkpoint.
 
+    Distillation during QAT (QAD): with a `teacher` (usually the float model; `prepare_qat` returns a copy, so
+    the float model is free to teach), each step also runs the teacher on the same batch, in eval mode under
+    `torch.no_grad`, and the model trains on `distill.loss` (`Distill()` when `distill` is None: pure
+    distillation at temperature 2). The teacher is moved to `device`; its parameters are not touched and each of
+    its modules' train/eval flags is restored after fit. Validation stays the plain `loss_fn`, so val_loss
+    compares across runs with and without a teacher.
+
+    Args:
+        teacher: the model to distill from, or None to train on `loss_fn` alone; not `model` itself and
+            sharing no parameters with it; its logits must have the model's shape.
+        distill: the :class:`Distill` loss settings; only with a teacher.
+
     Returns:
-        One row per finished epoch: epoch (1-based), train_loss, train_acc (training-mode forward passes),
-        val_loss, val_acc (NaN without val_loader), lr (of the epoch's last step), bn_frozen,
+        One row per finished epoch: epoch (1-based), train_loss (the training objective: `loss_fn`, or the
+        distillation loss with a teacher), train_acc (training-mode forward passes, against the labels),
+        val_loss (`loss_fn`), val_acc (NaN without val_loader), lr (of the epoch's last step), bn_frozen,
         observers_frozen, time_s.
 
     Example:
         >>> fit(model, train_loader, epochs=3, lr=0.1, val_loader=test_loader)["val_acc"]  # doctest: +SKIP
+        >>> qat = prepare_qat(float_model, QATConfig())  # doctest: +SKIP
+        >>> fit(qat, train_loader, teacher=float_model, distill=Distill(temperature=2.0))  # doctest: +SKIP
     """
     _check_int("epochs", epochs, 1)
     _check_lr("lr", lr)
@@ -194,6 +342,7 @@ def fit(
     ):  # fmt: skip
         if value is not None:
             _check_int(name, value, minimum)
+    distill = _check_teacher(model, teacher, distill)
 
     steps = _steps_per_epoch(train_loader, max_steps_per_epoch)
     device = torch.device(device)
@@ -207,6 +356,9 @@ def fit(
     opt = cls(params, lr=lr, weight_decay=weight_decay, **extra)
     sched = LambdaLR(opt, lambda s: lr_at(s, epochs * steps, round(warmup_epochs * steps), 1.0, schedule))
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    teacher_modes = [] if teacher is None else [(m, m.training) for m in teacher.modules()]
+    if teacher is not None:
+        teacher.to(device).eval()
 
     rows: list[dict[str, Any]] = []
     bn_frozen = observers_frozen = False
@@ -223,7 +375,7 @@ def fit(
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
             train_loss, train_acc, lr_used = _train_epoch(
-                model, train_loader, opt, sched, loss_fn, device, steps, epoch, progress
+                model, train_loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher, distill
             )
             val = _NO_VAL if val_loader is None else evaluate(model, val_loader, device, loss_fn)
             values = (epoch + 1, train_loss, train_acc, val["loss"], val["acc"], lr_used)
@@ -241,4 +393,6 @@ def fit(
         )
     finally:
         bar.close()
+        for module, mode in teacher_modes:  # flags set directly, as in evaluate: per-module choices survive
+            module.training = mode
     return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))

@@ -202,11 +202,26 @@ def _dq_outputs(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return weights, acts
 
 
+def _quantized_input(proto: onnx.ModelProto, dq_output: str) -> str:
+    """The float tensor an activation's QuantizeLinear reads (its scale, computed in the graph or stored, is a
+    function of the same tensor): the input of the QuantizeLinear feeding the DequantizeLinear ``dq_output``."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    q = producer[producer[dq_output].input[0]]
+    assert q.op_type == "QuantizeLinear", q.op_type
+    return q.input[0]
+
+
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_export_matches_bit_for_bit(name, tmp_path):
     """Each format exports (opset 21, or 23 for FP4) and the ONNX reference evaluator reproduces PyTorch's
     quantized weights and quantized activations exactly, and the model output to float summation order.
-    Weights are stored as codes of the quantized ONNX type."""
+    Weights are stored as codes of the quantized ONNX type.
+
+    An activation quantizer behind a Linear reads a tensor that PyTorch and numpy sum in different orders, so an
+    element one ulp from a rounding tie may round the other way on another CPU. Each PyTorch activation quantizer
+    is therefore fed the float tensor the reference evaluator quantized (checked to equal PyTorch's own input up
+    to summation order, exactly for the graph input): the quantizers are compared bit for bit on the same float
+    input, whatever the CPU."""
     wspec, aspec = PAIRS[name]
     torch.manual_seed(3)
     x = torch.randn(16, 64) * 2
@@ -216,25 +231,44 @@ def test_export_matches_bit_for_bit(name, tmp_path):
     assert proto.opset_import[0].version == (23 if wspec.format in ("mxfp4", "nvfp4") else 21)
     w_names, a_names = _dq_outputs(proto)
     assert len(w_names) == 2 and len(a_names) == (2 if aspec is not None else 0)
+    a_inputs = [_quantized_input(proto, n) for n in a_names]
+    assert a_inputs[:1] == [proto.graph.input[0].name] * len(a_inputs[:1])  # the first reads the model input
+    values = run_reference(
+        path, [x.numpy()], outputs=[*w_names, *a_names, *a_inputs, proto.graph.output[0].name]
+    )
+    onnx_w, onnx_a, onnx_in = values[:2], values[2 : 2 + len(a_names)], values[2 + len(a_names) : -1]
+    a_keys = ["0.input_quant", "2.input_quant"][: len(a_names)]
     deployed = convert(model)
-    captured = {}
+    captured, torch_in = {}, {}
+
+    def feed(k: str):
+        def hook(m, args):
+            torch_in[k] = args[0].detach().clone()
+            return (torch.from_numpy(np.asarray(onnx_in[a_keys.index(k)])).reshape(args[0].shape),)
+
+        return hook
+
     hooks = [
         m.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o.detach()))
         for k, m in deployed.named_modules()
         if isinstance(m, FakeQuantizer)
     ]
+    hooks += [deployed.get_submodule(k).register_forward_pre_hook(feed(k)) for k in a_keys]
     with torch.no_grad():
         out = deployed(x)
     for h in hooks:
         h.remove()
-    values = run_reference(path, [x.numpy()], outputs=[*w_names, *a_names, proto.graph.output[0].name])
     torch_w = [captured["0.weight_quant"], captured["2.weight_quant"]]
-    for got, want in zip(values[:2], torch_w, strict=True):
+    for got, want in zip(onnx_w, torch_w, strict=True):
         assert np.array_equal(np.asarray(got).reshape(want.shape), want.numpy())
-    if aspec is not None:
-        torch_a = [captured["0.input_quant"], captured["2.input_quant"]]
-        for got, want in zip(values[2:4], torch_a, strict=True):
-            assert np.array_equal(np.asarray(got).reshape(want.shape), want.numpy())
+    for k, got_in, got in zip(a_keys, onnx_in, onnx_a, strict=True):
+        want_in, want = torch_in[k].numpy(), captured[k].numpy()
+        got_in = np.asarray(got_in).reshape(want_in.shape)
+        if k == "0.input_quant":  # the model input: the same floats on both sides
+            assert np.array_equal(got_in, want_in)
+        else:  # behind a Linear: equal up to float summation order
+            assert np.abs(got_in - want_in).max() <= 1e-5 * (1 + np.abs(want_in).max()), k
+        assert np.array_equal(np.asarray(got).reshape(want.shape), want), k
     assert np.abs(values[-1] - out.numpy()).max() <= 1e-5 * (1 + np.abs(out.numpy()).max())
     # weights travel as codes: no float copy of a quantized weight is left in the file
     types = {i.data_type for i in proto.graph.initializer if len(i.dims) == 2 and min(i.dims) > 8}

@@ -12,6 +12,13 @@ import torch  # noqa: E402
 from qatlab import QuantSpec, formats, plot, widgets  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every figure a test opens is closed after it, those drawn inside widget callbacks included."""
+    yield
+    matplotlib.pyplot.close("all")
+
+
 def test_format_lattices_draw_every_non_negative_value():
     """Each row holds the format's non-negative values over its maximum: 8 for int4 (0..7) and E2M1."""
     fig = plot.format_lattices(("int4", "e2m1", "e4m3"))
