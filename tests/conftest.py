@@ -28,3 +28,18 @@ def on_haswell():
         return done.stdout
 
     return run
+
+
+@pytest.fixture(scope="session")
+def digit_sets():
+    """sklearn digits as (train, test) TensorDatasets of (N, 8, 8) images in [0, 1]: 1,400 / 397, a fixed split."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch.utils.data import TensorDataset
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 8, 8) / 16.0  # (N, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1400], perm[1400:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])

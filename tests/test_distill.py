@@ -8,9 +8,8 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import qatlab
 from qatlab.train import HISTORY_COLUMNS, Distill, evaluate, fit
@@ -18,18 +17,8 @@ from qatlab.train import HISTORY_COLUMNS, Distill, evaluate, fit
 BATCH = 64
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[TensorDataset, TensorDataset]:
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 8, 8) / 16.0  # (N, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
-
-
-def loaders(digits) -> tuple[DataLoader, DataLoader]:
-    train, test = digits
+def loaders(digit_sets) -> tuple[DataLoader, DataLoader]:
+    train, test = digit_sets
     gen = torch.Generator().manual_seed(0)
     return DataLoader(train, batch_size=BATCH, shuffle=True, generator=gen), DataLoader(test, batch_size=512)
 
@@ -46,9 +35,9 @@ def bn_model(seed: int = 0) -> nn.Sequential:
 
 
 @pytest.fixture(scope="module")
-def trained_teacher(digits) -> nn.Sequential:
+def trained_teacher(digit_sets) -> nn.Sequential:
     teacher = bn_model(seed=3)
-    fit(teacher, loaders(digits)[0], epochs=1, lr=0.1, progress=False)
+    fit(teacher, loaders(digit_sets)[0], epochs=1, lr=0.1, progress=False)
     return teacher
 
 
@@ -141,8 +130,8 @@ def test_loss_of_identical_logits_is_zero(logits):
 # --- fit with a teacher ---
 
 
-def test_fit_with_identical_teacher_has_zero_train_loss(digits):
-    train_loader, test_loader = loaders(digits)
+def test_fit_with_identical_teacher_has_zero_train_loss(digit_sets):
+    train_loader, test_loader = loaders(digit_sets)
     student = mlp()
     teacher = copy.deepcopy(student)
     history = fit(
@@ -156,9 +145,9 @@ def test_fit_with_identical_teacher_has_zero_train_loss(digits):
     assert history["val_loss"].iloc[0] > 1.0  # an untrained 10-class model: CE near log(10)
 
 
-def test_fit_with_alpha0_teacher_matches_plain_fit_exactly(digits):
+def test_fit_with_alpha0_teacher_matches_plain_fit_exactly(digit_sets):
     def run(**kwargs) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-        train_loader, test_loader = loaders(digits)
+        train_loader, test_loader = loaders(digit_sets)
         model = mlp()
         h = fit(model, train_loader, epochs=2, lr=0.05, val_loader=test_loader, max_steps_per_epoch=8,
                 progress=False, **kwargs)  # fmt: skip
@@ -170,8 +159,8 @@ def test_fit_with_alpha0_teacher_matches_plain_fit_exactly(digits):
     assert all(torch.equal(w_plain[k], w_teacher[k]) for k in w_plain)
 
 
-def test_fit_moves_student_towards_teacher_and_leaves_teacher_alone(digits, trained_teacher):
-    train_loader, test_loader = loaders(digits)
+def test_fit_moves_student_towards_teacher_and_leaves_teacher_alone(digit_sets, trained_teacher):
+    train_loader, test_loader = loaders(digit_sets)
     teacher = copy.deepcopy(trained_teacher).train()
     teacher[2].eval()  # a per-module choice that fit must restore exactly
     before_state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -190,10 +179,10 @@ def test_fit_moves_student_towards_teacher_and_leaves_teacher_alone(digits, trai
     assert history["train_acc"].iloc[0] > 0.3  # accuracy is still measured against the labels
 
 
-def test_qad_on_a_qat_student_lowers_the_loss(digits, trained_teacher):
+def test_qad_on_a_qat_student_lowers_the_loss(digit_sets, trained_teacher):
     float_model = copy.deepcopy(trained_teacher).eval()
     qat = qatlab.prepare_qat(float_model, qatlab.QATConfig(weight=qatlab.QuantSpec(bits=3, symmetric=True)))
-    x, y = next(iter(DataLoader(digits[0], batch_size=256)))
+    x, y = next(iter(DataLoader(digit_sets[0], batch_size=256)))
     batch = [(x, y)]  # one fixed batch: each epoch is the same step, so the loss falls deterministically
     history = fit(qat, batch, epochs=6, lr=0.02, schedule="constant", teacher=float_model, progress=False)
     losses = history["train_loss"].tolist()
@@ -202,10 +191,10 @@ def test_qad_on_a_qat_student_lowers_the_loss(digits, trained_teacher):
     assert not float_model.training  # the float model's eval mode is kept
 
 
-def test_qad_with_default_qat_config_runs(digits, trained_teacher):
+def test_qad_with_default_qat_config_runs(digit_sets, trained_teacher):
     float_model = copy.deepcopy(trained_teacher)
     qat = qatlab.prepare_qat(float_model, qatlab.QATConfig())
-    train_loader, test_loader = loaders(digits)
+    train_loader, test_loader = loaders(digit_sets)
     history = fit(qat, train_loader, epochs=3, lr=0.02, teacher=float_model, max_steps_per_epoch=5,
                   val_loader=test_loader, progress=False)  # fmt: skip
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
@@ -216,34 +205,34 @@ def test_qad_with_default_qat_config_runs(digits, trained_teacher):
 # --- errors ---
 
 
-def test_distill_without_teacher_raises(digits):
+def test_distill_without_teacher_raises(digit_sets):
     with pytest.raises(ValueError, match=r"distill=.*needs a teacher.*teacher="):
-        fit(mlp(), loaders(digits)[0], distill=Distill(), progress=False)
+        fit(mlp(), loaders(digit_sets)[0], distill=Distill(), progress=False)
 
 
-def test_teacher_is_model_raises(digits):
+def test_teacher_is_model_raises(digit_sets):
     model = mlp()
     with pytest.raises(ValueError, match=r"teacher is the model.*copy"):
-        fit(model, loaders(digits)[0], teacher=model, progress=False)
+        fit(model, loaders(digit_sets)[0], teacher=model, progress=False)
 
 
-def test_teacher_sharing_parameters_raises(digits):
+def test_teacher_sharing_parameters_raises(digit_sets):
     model = mlp()
     with pytest.raises(ValueError, match=r"teacher shares parameters.*deepcopy"):
-        fit(model, loaders(digits)[0], teacher=nn.Sequential(*model), progress=False)
+        fit(model, loaders(digit_sets)[0], teacher=nn.Sequential(*model), progress=False)
 
 
-def test_bad_teacher_or_distill_types_raise(digits):
+def test_bad_teacher_or_distill_types_raise(digit_sets):
     with pytest.raises(TypeError, match="teacher must be an nn.Module"):
-        fit(mlp(), loaders(digits)[0], teacher=lambda x: x, progress=False)
+        fit(mlp(), loaders(digit_sets)[0], teacher=lambda x: x, progress=False)
     with pytest.raises(TypeError, match="distill must be"):
-        fit(mlp(), loaders(digits)[0], teacher=mlp(1), distill={"temperature": 2.0}, progress=False)
+        fit(mlp(), loaders(digit_sets)[0], teacher=mlp(1), distill={"temperature": 2.0}, progress=False)
 
 
-def test_teacher_shape_mismatch_raises_and_restores_mode(digits):
+def test_teacher_shape_mismatch_raises_and_restores_mode(digit_sets):
     teacher = mlp(seed=1, out=5)
     with pytest.raises(ValueError, match=r"teacher's logits have shape \(64, 5\).*\(64, 10\)"):
-        fit(mlp(), loaders(digits)[0], teacher=teacher, progress=False)
+        fit(mlp(), loaders(digit_sets)[0], teacher=teacher, progress=False)
     assert teacher.training
     with pytest.raises(ValueError, match=r"student_logits shape \(2, 3\).*teacher_logits shape \(2, 4\)"):
         Distill().loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), None)

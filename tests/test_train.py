@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,18 +18,8 @@ from qatlab.train import HISTORY_COLUMNS, evaluate, fit, lr_at
 BATCH = 64
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[TensorDataset, TensorDataset]:
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 8, 8) / 16.0  # (N, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
-
-
-def loaders(digits) -> tuple[DataLoader, DataLoader]:
-    train, test = digits
+def loaders(digit_sets) -> tuple[DataLoader, DataLoader]:
+    train, test = digit_sets
     return DataLoader(train, batch_size=BATCH, shuffle=True), DataLoader(test, batch_size=128)
 
 
@@ -39,8 +28,8 @@ def make_model(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
 
 
-def test_fit_learns_digits(digits):
-    train_loader, test_loader = loaders(digits)
+def test_fit_learns_digits(digit_sets):
+    train_loader, test_loader = loaders(digit_sets)
     model = make_model()
     history = fit(model, train_loader, epochs=3, lr=0.1, val_loader=test_loader, progress=False)
     assert list(history.columns) == list(HISTORY_COLUMNS)
@@ -53,15 +42,15 @@ def test_fit_learns_digits(digits):
     assert (history["time_s"] > 0).all()
 
 
-def test_fit_without_val_loader_gives_nan(digits):
-    train_loader, _ = loaders(digits)
+def test_fit_without_val_loader_gives_nan(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     history = fit(make_model(), train_loader, epochs=1, progress=False, max_steps_per_epoch=3)
     assert math.isnan(history["val_loss"].iloc[0]) and math.isnan(history["val_acc"].iloc[0])
 
 
-def test_same_seed_same_numbers_different_seed_different(digits):
+def test_same_seed_same_numbers_different_seed_different(digit_sets):
     def run(seed: int) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-        train_loader, test_loader = loaders(digits)
+        train_loader, test_loader = loaders(digit_sets)
         model = make_model()
         h = fit(model, train_loader, epochs=2, lr=0.05, val_loader=test_loader, seed=seed, progress=False)
         return h.drop(columns="time_s"), model.state_dict()
@@ -89,8 +78,8 @@ def test_lr_at_hand_computed_values():
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_fit_per_step_lrs_follow_lr_at(digits, schedule):
-    train_loader, _ = loaders(digits)
+def test_fit_per_step_lrs_follow_lr_at(digit_sets, schedule):
+    train_loader, _ = loaders(digit_sets)
     seen: list[float] = []
     # A global optimizer hook sees the LR each step of fit really used.
     handle = register_optimizer_step_pre_hook(
@@ -111,8 +100,8 @@ def test_fit_per_step_lrs_follow_lr_at(digits, schedule):
         assert seen[warmup:] == [0.2] * (total - warmup)
 
 
-def test_fit_lr_column_matches_schedule(digits):
-    train_loader, _ = loaders(digits)
+def test_fit_lr_column_matches_schedule(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     steps = len(train_loader)  # 22 batches of 64 from 1400 samples
     history = fit(make_model(), train_loader, epochs=3, lr=0.1, warmup_epochs=0.5, progress=False)
     expected = [lr_at((e + 1) * steps - 1, 3 * steps, round(0.5 * steps), 0.1) for e in range(3)]
@@ -122,8 +111,8 @@ def test_fit_lr_column_matches_schedule(digits):
     assert list(constant["lr"]) == pytest.approx([0.1, 0.1])
 
 
-def test_freeze_epochs_called_once_at_epoch_start(digits, monkeypatch):
-    train_loader, _ = loaders(digits)
+def test_freeze_epochs_called_once_at_epoch_start(digit_sets, monkeypatch):
+    train_loader, _ = loaders(digit_sets)
     steps_done = [0]
     calls: list[tuple[str, int]] = []
 
@@ -146,11 +135,11 @@ def test_freeze_epochs_called_once_at_epoch_start(digits, monkeypatch):
     assert calls == []  # a freeze epoch beyond the run never fires
 
 
-def test_evaluate_matches_hand_count_and_restores_mode(digits):
-    _, test_loader = loaders(digits)
-    x, y = digits[1].tensors
+def test_evaluate_matches_hand_count_and_restores_mode(digit_sets):
+    _, test_loader = loaders(digit_sets)
+    x, y = digit_sets[1].tensors
     model = make_model()
-    fit(model, loaders(digits)[0], lr=0.1, schedule="constant", max_steps_per_epoch=6, progress=False)
+    fit(model, loaders(digit_sets)[0], lr=0.1, schedule="constant", max_steps_per_epoch=6, progress=False)
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -185,14 +174,14 @@ def empty_loader() -> DataLoader:
         ({"freeze_bn_epoch": -1}, ValueError, r"freeze_bn_epoch must be >= 0, got -1"),
     ],
 )
-def test_fit_rejects_bad_arguments(digits, kwargs, error, match):
-    train_loader, _ = loaders(digits)
+def test_fit_rejects_bad_arguments(digit_sets, kwargs, error, match):
+    train_loader, _ = loaders(digit_sets)
     with pytest.raises(error, match=match):
         fit(make_model(), train_loader, progress=False, **kwargs)
 
 
-def test_fit_accepts_numpy_ints(digits):
-    train_loader, _ = loaders(digits)
+def test_fit_accepts_numpy_ints(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     history = fit(
         make_model(), train_loader, epochs=np.int64(2), max_steps_per_epoch=np.int64(2), progress=False
     )
@@ -211,8 +200,8 @@ class NaNOutput(nn.Module):
         return x * float("nan")
 
 
-def test_nan_loss_raises_floating_point_error(digits):
-    train_loader, _ = loaders(digits)
+def test_nan_loss_raises_floating_point_error(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     model = nn.Sequential(make_model(), NaNOutput())
     with pytest.raises(
         FloatingPointError, match=r"loss became nan at epoch 1 \(1-based\), step 1 .*lower lr"
@@ -220,8 +209,8 @@ def test_nan_loss_raises_floating_point_error(digits):
         fit(model, train_loader, lr=0.1, progress=False)
 
 
-def test_keyboard_interrupt_returns_finished_epochs(digits):
-    train_loader, _ = loaders(digits)
+def test_keyboard_interrupt_returns_finished_epochs(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     calls = [0]
 
     def interrupting_loss(logits, y):
@@ -238,19 +227,19 @@ def test_keyboard_interrupt_returns_finished_epochs(digits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fit_and_evaluate_on_cuda(digits):
-    train_loader, test_loader = loaders(digits)
+def test_fit_and_evaluate_on_cuda(digit_sets):
+    train_loader, test_loader = loaders(digit_sets)
     model = make_model()
     history = fit(
         model, train_loader, epochs=2, lr=0.1, val_loader=test_loader, device="cuda", progress=False
     )
     assert next(model.parameters()).device.type == "cuda"
     assert history["val_acc"].iloc[-1] > 0.8
-    assert evaluate(model, test_loader, device=torch.device("cuda"))["n"] == len(digits[1])
+    assert evaluate(model, test_loader, device=torch.device("cuda"))["n"] == len(digit_sets[1])
 
 
-def test_epoch_callbacks_see_each_epoch_and_can_update_the_row(digits):
-    train_loader, _ = loaders(digits)
+def test_epoch_callbacks_see_each_epoch_and_can_update_the_row(digit_sets):
+    train_loader, _ = loaders(digit_sets)
     model, calls = make_model(), []
 
     def start(epoch, m):
