@@ -46,6 +46,7 @@ from qatlab.data import reseed
 from qatlab.formats import bits_per_element
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
 from qatlab.prepare import (
+    _resolve_keep,
     calibrate,
     enable_fake_quant,
     freeze_bn_stats,
@@ -436,13 +437,13 @@ def long_scores(df: pd.DataFrame, truth: str = "acc_drop") -> pd.DataFrame:
     :func:`qatlab.plot.estimator_scatter` draws. Other columns (``model``, ``seed``) are carried along."""
     if truth not in df.columns:
         raise ValueError(f"df has no {truth!r} column: run sensitivity with 'ptq' among the estimators")
-    cols = {"hessian": "hessian", "fisher": "fisher", "sqnr": "sqnr_db", "ptq": truth}
+    cols = {"hessian": "hessian", "fisher": "fisher", "sqnr": "sqnr_db"}
     ids = [
         c for c in df.columns if c not in {"hessian", "fisher", "sqnr_db", "acc", "acc_drop", "loss_increase"}
     ]
     frames = []
     for est, col in cols.items():
-        if col not in df.columns or (est == "ptq" and col == truth):
+        if col not in df.columns:
             continue
         part = df[ids + [truth]].copy()
         part["estimator"] = est
@@ -540,7 +541,7 @@ def fallback(
         raise ValueError("fallback works with keep/keep_bits; pass a config without overrides")
     model = model.to(device).eval()
     names = quantizable_layers(model)
-    already = _kept_names(model, config)
+    already = _resolve_keep(config.keep, names, model)  # 'first'/'last' resolved, unknown names an error
     free = [n for n in names if n not in already]
     float_acc = evaluate(model, eval_loader, device=device)["acc"]
     target = _target(float_acc, tolerable_loss, relative)
@@ -595,17 +596,6 @@ def fallback(
             rows[-1]["accepted"] = False
             failed.add(frozenset(trial))
     return cfg_of(kept), pd.DataFrame(rows)
-
-
-def _kept_names(model: nn.Module, config: QATConfig) -> set[str]:
-    """The layers ``config.keep`` names, resolved ('first'/'last')."""
-    if not config.keep:
-        return set()
-    names = quantizable_layers(model)
-    out = set()
-    for k in config.keep:
-        out.add(names[0] if k == "first" else names[-1] if k == "last" else k)
-    return out
 
 
 def _unmet(acc: float, target: float, config: QATConfig) -> str:
