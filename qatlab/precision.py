@@ -704,44 +704,212 @@ def candidate_scores(
     return df.reset_index(drop=True)
 
 
-def search(scores: pd.DataFrame, budget_bits: float) -> dict[str, str]:
+def search(
+    scores: pd.DataFrame, budget_bits: float | None = None, *, budget_ms: float | None = None
+) -> dict[str, str]:
     """One candidate per layer minimising the summed ``score`` with the summed ``bits`` within ``budget_bits``
-    (a multiple-choice knapsack solved exactly as an integer program, scipy's ``milp``). ``scores``: rows of
-    ``layer``, ``candidate``, ``score``, ``bits`` (:func:`candidate_scores`). The additive score is the
-    assumption HAWQ-v3 and AutoQuantize make; the frontier in notebook 11 measures what it gives.
+    and/or the summed ``latency_ms`` within ``budget_ms`` (a multiple-choice knapsack solved exactly as an
+    integer program, scipy's ``milp``). ``scores``: rows of ``layer``, ``candidate``, ``score``, and ``bits``
+    (:func:`candidate_scores`) or ``latency_ms`` (:func:`latency_table`, merged on layer and candidate). The
+    additive score is the assumption HAWQ-v3 and AutoQuantize make; the frontier in notebook 11 measures what it
+    gives. Latency is not additive in ONNX Runtime (fusion depends on the neighbours): :func:`latency_search`
+    checks a mix by measuring it.
 
     Raises:
-        ValueError: when even the smallest candidate of every layer exceeds the budget.
+        ValueError: when no budget is given, a budget's column is missing, or even the smallest candidate of
+            every layer exceeds a budget.
     """
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    if not {"layer", "candidate", "score", "bits"} <= set(scores.columns):
-        raise ValueError(f"scores needs columns layer, candidate, score, bits; got {list(scores.columns)}")
+    budgets = {c: b for c, b in (("bits", budget_bits), ("latency_ms", budget_ms)) if b is not None}
+    if not budgets:
+        raise ValueError("search needs a budget: pass budget_bits (weight size) and/or budget_ms (latency)")
+    need = ["layer", "candidate", "score", *budgets]
+    if not set(need) <= set(scores.columns):
+        raise ValueError(f"scores needs columns {', '.join(need)}; got {list(scores.columns)}")
     df = scores.reset_index(drop=True)
-    smallest = float(df.groupby("layer")["bits"].min().sum())
-    if budget_bits < smallest:
-        raise ValueError(
-            f"budget_bits={budget_bits:.0f} is below the smallest mix ({smallest:.0f} bits: every layer at its "
-            "smallest candidate); raise the budget or add smaller candidates"
-        )
+    constraints = []
+    for col, budget in budgets.items():
+        smallest = float(df.groupby("layer")[col].min().sum())
+        arg = "budget_bits" if col == "bits" else "budget_ms"
+        if budget < smallest - 1e-9 * abs(smallest):
+            raise ValueError(
+                f"{arg}={budget:.6g} is below the smallest mix ({smallest:.6g} {col}: every layer at its "
+                "smallest candidate); raise the budget or add smaller candidates"
+            )
+        constraints.append(LinearConstraint(df[col].to_numpy(float)[None], -np.inf, budget))
     layers = list(dict.fromkeys(df["layer"]))
     one_each = np.array([(df["layer"] == n).to_numpy(float) for n in layers])
     scale = max(float(df["score"].abs().max()), 1e-30)
     res = milp(
         c=df["score"].to_numpy(float) / scale,
-        constraints=[
-            LinearConstraint(one_each, 1, 1),
-            LinearConstraint(df["bits"].to_numpy(float)[None], 0, budget_bits),
-        ],
+        constraints=[LinearConstraint(one_each, 1, 1), *constraints],
         integrality=np.ones(len(df)),
         bounds=Bounds(0, 1),
         options={"mip_rel_gap": 0},  # the optimum, not a mix within HiGHS's default 0.01% of it
     )
     if not res.success:
-        raise ValueError(f"the search found no mix within budget_bits={budget_bits:.0f}: {res.message}")
+        raise ValueError(f"the search found no mix within {budgets}: {res.message}")
     pick = df[res.x > 0.5]
     return dict(zip(pick["layer"], pick["candidate"], strict=True))
+
+
+def _fit_choice(model: nn.Module, candidate: str, fallback: str = "int8") -> dict[str, str]:
+    """Every layer at ``candidate``, or at ``fallback`` where it cannot quantize the layer (a group size that
+    does not divide it)."""
+    mods = dict(model.named_modules())
+    return {
+        n: candidate if fits(CANDIDATES[candidate], _weight_shape(mods[n])) else fallback
+        for n in quantizable_layers(model)
+    }
+
+
+def time_mixes(
+    cache: PTQCache,
+    configs: Mapping[str, QATConfig],
+    inputs: Tensor,
+    repeats: int = 50,
+    threads: int = 1,
+) -> dict[str, float]:
+    """Median ONNX Runtime latency (ms, CPU, ``threads`` intra-op threads) of each config's PTQ model from
+    ``cache``, exported (:func:`qatlab.export.export_onnx`; a config that quantizes nothing as a float model) and
+    timed together on ``inputs``, runs interleaved (:func:`qatlab.export.time_ort`) so that the machine's load
+    hits every file alike."""
+    import tempfile
+    from pathlib import Path
+
+    from qatlab.export import export_float_onnx, export_onnx, time_ort
+
+    if not len(configs):
+        raise ValueError("configs is empty; pass {name: QATConfig} to time")
+    x = inputs.detach().cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for k, (name, cfg) in enumerate(configs.items()):
+            q = cache.ptq(cfg).cpu()
+            path = Path(tmp) / f"mix{k}.onnx"
+            quantized = any(True for _ in quantizers(q))
+            paths[name] = export_onnx(q, path, x[:1]) if quantized else export_float_onnx(q, path, x[:1])
+        return time_ort(paths, x, repeats=repeats, threads=threads)
+
+
+def latency_table(
+    model: nn.Module,
+    base: QATConfig,
+    calib_loader: Iterable,
+    inputs: Tensor,
+    candidates: Sequence[str] = ("float", "int8", "int4", "int2"),
+    reference: str = "int8",
+    repeats: int = 50,
+    threads: int = 1,
+    calib_batches: int = 2,
+    calib_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> pd.DataFrame:
+    """Per (layer, candidate), the ONNX Runtime latency the layer costs at that candidate, measured in context.
+
+    The model with every layer at ``reference`` (weights; activations as in ``base``) is timed together with
+    each model that moves one layer to another candidate (:func:`time_mixes`, batch ``len(inputs)``). A layer's
+    ``latency_ms`` at a candidate is the reference model's latency over the number of layers plus what moving
+    that layer changed, so summing over layers gives the reference model's latency exactly, and a mix that
+    differs from the reference in one layer exactly too. For other mixes the sum is a prediction: ONNX
+    Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` depending on the
+    neighbours, so latency is not additive (:func:`latency_search` measures each mix it picks).
+
+    Returns:
+        Columns ``layer``, ``candidate``, ``latency_ms``; ``attrs["reference_ms"]`` is the reference model's
+        latency. A candidate that does not fit a layer is left out for that layer.
+    """
+    unknown = [c for c in (*candidates, reference) if c not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"candidates/reference {unknown} are unknown; choose from {list(CANDIDATES)}")
+    if not isinstance(inputs, Tensor) or inputs.dim() == 0 or len(inputs) == 0:
+        raise ValueError("inputs must be a non-empty batch tensor (the batch ORT is timed on)")
+    model = model.to(device).eval()
+    layers = quantizable_layers(model)
+    mods = dict(model.named_modules())
+    ref = _fit_choice(model, reference)
+    cache = PTQCache(
+        model, replace(base, keep=(), keep_bits=None), calib_loader, calib_batches, calib_seed, device
+    )
+    configs = {("", ""): mixed_config(base, ref)}
+    for n in layers:
+        for c in candidates:
+            if c != ref[n] and fits(CANDIDATES[c], _weight_shape(mods[n])):
+                configs[(n, c)] = mixed_config(base, {**ref, n: c})
+    ms = time_mixes(cache, {f"{n}|{c}": cfg for (n, c), cfg in configs.items()}, inputs, repeats, threads)
+    t_ref = ms["|"]
+    rows = [
+        {"layer": n, "candidate": c, "latency_ms": t_ref / len(layers) + (0.0 if (n, c) == (n, ref[n])
+                                                                           else ms[f"{n}|{c}"] - t_ref)}
+        for n in layers for c in candidates if c == ref[n] or (n, c) in configs
+    ]  # fmt: skip
+    out = pd.DataFrame(rows)
+    out.attrs["reference_ms"] = t_ref
+    return out
+
+
+def latency_search(
+    model: nn.Module,
+    base: QATConfig,
+    scores: pd.DataFrame,
+    budget_ms: float,
+    calib_loader: Iterable,
+    inputs: Tensor,
+    budget_bits: float | None = None,
+    rounds: int = 5,
+    repeats: int = 50,
+    threads: int = 1,
+    calib_batches: int = 2,
+    calib_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, str], pd.DataFrame]:
+    """The mix :func:`search` picks under a latency budget, checked by measuring it in ONNX Runtime.
+
+    ``scores`` needs ``latency_ms`` (:func:`latency_table`, merged into :func:`candidate_scores`). Each round
+    searches with the summed per-layer latencies within a working budget, exports and times the chosen mix
+    on ``inputs``, and when the measured latency exceeds ``budget_ms`` lowers the working budget by the excess
+    (latency is not additive: fusion depends on the neighbours) and searches again.
+
+    Returns:
+        ``(choice, rounds)``: the first mix measured within ``budget_ms`` (``{layer: candidate}``, for
+        :func:`mixed_config`), and one row per round: ``round``, ``working_ms`` (the search's budget),
+        ``predicted_ms`` (the summed table), ``measured_ms``, ``meets``, ``mix``.
+
+    Raises:
+        ValueError: when no mix is measured within ``budget_ms`` in ``rounds`` rounds, or the working budget
+            falls below the smallest mix.
+    """
+    if budget_ms <= 0 or not math.isfinite(budget_ms):
+        raise ValueError(f"budget_ms={budget_ms} must be a positive number of milliseconds")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    model = model.to(device).eval()
+    cache = PTQCache(
+        model, replace(base, keep=(), keep_bits=None), calib_loader, calib_batches, calib_seed, device
+    )
+    df = scores.set_index(["layer", "candidate"])
+    working, rows = float(budget_ms), []
+    for r in range(rounds):
+        try:
+            choice = search(scores, budget_bits, budget_ms=working)
+        except ValueError as e:
+            raise ValueError(
+                f"no mix is measured within budget_ms={budget_ms:.4g} ms (rounds so far: "
+                f"{[round(x['measured_ms'], 4) for x in rows]}); {e}"
+            ) from None
+        predicted = float(sum(df.loc[(n, c), "latency_ms"] for n, c in choice.items()))
+        measured = time_mixes(cache, {"mix": mixed_config(base, choice)}, inputs, repeats, threads)["mix"]
+        rows.append({"round": r, "working_ms": working, "predicted_ms": predicted, "measured_ms": measured,
+                     "meets": measured <= budget_ms, "mix": ", ".join(f"{n}:{c}" for n, c in choice.items())})  # fmt: skip
+        if measured <= budget_ms:
+            return choice, pd.DataFrame(rows)
+        working = min(working, predicted) - (measured - budget_ms)
+    raise ValueError(
+        f"no mix was measured within budget_ms={budget_ms:.4g} ms in {rounds} rounds (measured "
+        f"{[round(x['measured_ms'], 4) for x in rows]} ms); raise the budget or rounds"
+    )
 
 
 def frontier(
@@ -753,6 +921,8 @@ def frontier(
     uniforms: Sequence[str] = ("int8", "int4", "int3", "int2"),
     candidates: Sequence[str] = ("int8", "int4", "int3", "int2"),
     budgets: Mapping[str, float] | None = None,
+    budgets_ms: Mapping[str, float] | None = None,
+    latency_inputs: Tensor | None = None,
     scores: pd.DataFrame | None = None,
     estimator: str = "fisher",
     seeds: Sequence[int] = (0,),
@@ -770,27 +940,30 @@ def frontier(
     the precision cannot quantize, a group size that does not divide it, gets int8); each
     budget (default: the size of each uniform precision, so mixes and uniforms compare at equal size) gets the
     mix :func:`search` picks from ``candidates`` with ``scores`` (default :func:`candidate_scores` by
-    ``estimator``). PTQ is measured with ``calib_seed=seed``; QAT runs :func:`qatlab.experiments.qat_run` on the
+    ``estimator``). With ``latency_inputs`` (a batch), every config's PTQ model is exported and timed in ONNX
+    Runtime (:func:`time_mixes`, one thread) and each ``budgets_ms`` entry (ms) gets the mix
+    :func:`latency_search` picks and measures (``scores`` gain :func:`latency_table`'s ``latency_ms`` when they
+    lack it). PTQ is measured with ``calib_seed=seed``; QAT runs :func:`qatlab.experiments.qat_run` on the
     same config (``qat_steps`` steps at ``lr``, ``**qat_kwargs`` passed on) from the calibrated model.
 
     Returns:
         Columns ``method`` ("uniform PTQ", "PTQ mixed", "uniform QAT", "QAT mixed"), ``point`` (the uniform
         precision, or the budget's name), ``size_kb`` (weights, scales included), ``acc``, ``seed``, ``mix``
-        (the per-layer choice, as text).
+        (the per-layer choice, as text); ``latency_ms`` with ``latency_inputs`` (one measurement per config,
+        the same for its seeds). ``attrs["latency_rounds"]``: each latency budget's :func:`latency_search`
+        rounds.
     """
     from qatlab.experiments import qat_run
 
     _check_loader("eval_loader", eval_loader)
     model = model.to(device).eval()
-    layers = quantizable_layers(model)
-    mods = dict(model.named_modules())
+    if budgets_ms and latency_inputs is None:
+        raise ValueError("budgets_ms needs latency_inputs: the batch ONNX Runtime is timed on")
     configs = {}
     for u in uniforms:
         if u not in CANDIDATES:
             raise ValueError(f"uniforms entry {u!r} is not a candidate; choose from {list(CANDIDATES)}")
-        configs[("uniform", u)] = mixed_config(
-            base, {n: u if fits(CANDIDATES[u], _weight_shape(mods[n])) else "int8" for n in layers}
-        )
+        configs[("uniform", u)] = mixed_config(base, _fit_choice(model, u))
     if budgets is None:
         budgets = {f"= {u} size": size_bits(model, configs[("uniform", u)]) for u in uniforms}
     if scores is None:
@@ -798,6 +971,22 @@ def frontier(
                                   calib_batches=calib_batches, device=device, progress=progress)  # fmt: skip
     for name, bits in budgets.items():
         configs[("mixed", name)] = mixed_config(base, search(scores, bits))
+    latency: dict[str, float] = {}
+    searched: dict[str, pd.DataFrame] = {}
+    if latency_inputs is not None:
+        if budgets_ms:
+            if "latency_ms" not in scores.columns:
+                table = latency_table(model, base, calib_loader, latency_inputs, list(dict.fromkeys(scores["candidate"])),
+                                      calib_batches=calib_batches, device=device)  # fmt: skip
+                scores = scores.merge(table, on=["layer", "candidate"])
+            for name, ms in budgets_ms.items():
+                choice, searched[name] = latency_search(model, base, scores, ms, calib_loader, latency_inputs,
+                                                        calib_batches=calib_batches, device=device)  # fmt: skip
+                configs[("mixed", name)] = mixed_config(base, choice)
+        cache = PTQCache(
+            model, replace(base, keep=(), keep_bits=None), calib_loader, calib_batches, 0, device
+        )
+        latency = time_mixes(cache, {f"{k}|{p}": c for (k, p), c in configs.items()}, latency_inputs)
     rows = []
     work = [(kind, point, seed) for (kind, point) in configs for seed in seeds]
     caches: dict[int, PTQCache] = {}
@@ -811,8 +1000,17 @@ def frontier(
                                     seed, device)  # fmt: skip
         acc = evaluate(caches[seed].ptq(cfg), eval_loader, device=device)["acc"]
         label = "uniform PTQ" if kind == "uniform" else "PTQ mixed"
+        extra = {"latency_ms": latency[f"{kind}|{point}"]} if latency else {}
         rows.append(
-            {"method": label, "point": point, "size_kb": size_kb, "acc": acc, "seed": seed, "mix": mix}
+            {
+                "method": label,
+                "point": point,
+                "size_kb": size_kb,
+                "acc": acc,
+                "seed": seed,
+                "mix": mix,
+                **extra,
+            }
         )
         if train_loader is not None and qat_steps != 0:
             key = (replace(cfg, overrides=tuple(sorted(cfg.overrides, key=lambda t: t[0]))), seed)
@@ -822,5 +1020,7 @@ def frontier(
                 done[key] = run["acc"]
             label = "uniform QAT" if kind == "uniform" else "QAT mixed"
             rows.append({"method": label, "point": point, "size_kb": size_kb, "acc": done[key], "seed": seed,
-                         "mix": mix})  # fmt: skip
-    return pd.DataFrame(rows)
+                         "mix": mix, **extra})  # fmt: skip
+    out = pd.DataFrame(rows)
+    out.attrs["latency_rounds"] = searched
+    return out

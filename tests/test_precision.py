@@ -689,6 +689,140 @@ def test_search_budget_below_the_smallest_mix():
         precision.search(df.drop(columns="bits"), 1e9)
 
 
+def _latency_scores(seed: int) -> pd.DataFrame:
+    # a layer's latency can fall below its share (a float first conv ran faster than int8 in ORT): some negative
+    df = _random_scores(seed)
+    df["latency_ms"] = np.random.default_rng(seed + 100).uniform(-0.5, 2.0, len(df))
+    return df
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("quantile", [0.2, 0.6])
+@pytest.mark.parametrize("with_bits", [False, True])
+def test_search_latency_budget_equals_brute_force(seed, quantile, with_bits):
+    df = _latency_scores(seed)
+    per_layer = [df[df["layer"] == f"l{i}"].to_dict("records") for i in range(4)]
+    totals = [
+        (sum(r["score"] for r in m), sum(r["latency_ms"] for r in m), sum(r["bits"] for r in m))
+        for m in itertools.product(*per_layer)
+    ]
+    budget_ms = float(np.quantile([t for _, t, _ in totals], quantile)) + 1e-6
+    budget_bits = math.floor(np.quantile([b for _, _, b in totals], 0.7)) + 0.5 if with_bits else None
+    feasible = [s for s, t, b in totals if t <= budget_ms and (budget_bits is None or b <= budget_bits)]
+    if not feasible:
+        pytest.skip("no mix meets both budgets for this table")
+    choice = precision.search(df, budget_bits, budget_ms=budget_ms)
+    picked = df[[choice[n] == c for n, c in zip(df["layer"], df["candidate"], strict=True)]]
+    assert len(picked) == 4
+    assert picked["latency_ms"].sum() <= budget_ms + 1e-6
+    assert budget_bits is None or picked["bits"].sum() <= budget_bits
+    assert picked["score"].sum() == pytest.approx(min(feasible), rel=1e-9)
+
+
+def test_search_budget_errors():
+    df = _latency_scores(0)
+    with pytest.raises(ValueError, match="search needs a budget: pass budget_bits"):
+        precision.search(df)
+    with pytest.raises(ValueError, match="scores needs columns layer, candidate, score, latency_ms"):
+        precision.search(df.drop(columns="latency_ms"), budget_ms=5.0)
+    fastest = df.groupby("layer")["latency_ms"].min().sum()
+    with pytest.raises(ValueError, match="budget_ms=.* is below the smallest mix"):
+        precision.search(df, budget_ms=fastest - 0.01)
+
+
+def _fake_timer(cost, penalty=0.0):
+    """A stand-in for ORT timing: each mix costs the sum of ``cost[candidate]`` over its layers, plus ``penalty``
+    when it holds both an int4 and a float layer (a non-additive term, as fusion is)."""
+
+    def time_mixes(cache, configs, inputs, repeats=50, threads=1):
+        out = {}
+        for name, cfg in configs.items():
+            labels = [
+                precision.precision_label(w) for w, _ in precision.layer_specs(cache.model, cfg).values()
+            ]
+            extra = penalty if {"int4", "float"} <= set(labels) else 0.0
+            out[name] = sum(cost[c] for c in labels) + extra
+        return out
+
+    return time_mixes
+
+
+COST = {"float": 1.0, "int8": 0.5, "int4": 0.8, "int2": 0.5}
+
+
+def test_latency_table_in_context(cnn, digits, monkeypatch):
+    monkeypatch.setattr(precision, "time_mixes", _fake_timer(COST, penalty=0.25))
+    x = next(iter(digits[1]))[0]
+    table = precision.latency_table(cnn, QATConfig(weight=W8, activation=A8), digits[0], x,
+                                    candidates=("float", "int8", "int4"))  # fmt: skip
+    ref = 5 * COST["int8"]
+    assert table.attrs["reference_ms"] == pytest.approx(ref)
+    assert list(table.columns) == ["layer", "candidate", "latency_ms"] and len(table) == 15
+    t = table.set_index(["layer", "candidate"])["latency_ms"]
+    for n in CNN_LAYERS:  # share of the reference + what moving the layer alone changed
+        assert t[(n, "int8")] == pytest.approx(ref / 5)
+        assert t[(n, "float")] == pytest.approx(ref / 5 + COST["float"] - COST["int8"])
+        assert t[(n, "int4")] == pytest.approx(ref / 5 + COST["int4"] - COST["int8"])
+    assert t.xs("int8", level="candidate").sum() == pytest.approx(ref)
+
+
+def test_latency_table_measures_real_files(cnn, digits):
+    # real exports and ORT timing: positive, finite, and the reference rows sum to the reference latency
+    x = next(iter(digits[1]))[0][:16]
+    table = precision.latency_table(cnn, QATConfig(weight=W8, activation=A8), digits[0], x,
+                                    candidates=("float", "int8"), repeats=3)  # fmt: skip
+    assert len(table) == 10 and np.isfinite(table["latency_ms"]).all()
+    ref = table[table["candidate"] == "int8"]["latency_ms"]
+    assert table.attrs["reference_ms"] > 0
+    assert ref.sum() == pytest.approx(table.attrs["reference_ms"], rel=1e-12)
+    with pytest.raises(ValueError, match=r"candidates/reference \['int9'\] are unknown"):
+        precision.latency_table(cnn, QATConfig(weight=W8), digits[0], x, candidates=("int9",))
+    with pytest.raises(ValueError, match="inputs must be a non-empty batch tensor"):
+        precision.latency_table(cnn, QATConfig(weight=W8), digits[0], x[:0])
+
+
+def test_latency_search_measures_and_tightens(cnn, digits, monkeypatch):
+    # the table predicts additively; the "measured" latency adds 0.3 ms to a mix of int4 and float layers, so a
+    # mix the table says fits can be measured over the budget: the search must lower its working budget.
+    # By hand: round 0 picks 1 float + 2 int4 + 2 int8 (3.6 ms predicted, score 1.2), measured 3.9; the working
+    # budget drops to 3.6 - 0.25 = 3.35, where 1 float + 1 int4 + 3 int8 (3.3 ms, score 1.6) is measured 3.6.
+    timer = _fake_timer(COST, penalty=0.3)
+    monkeypatch.setattr(precision, "time_mixes", timer)
+    base = QATConfig(weight=W8, activation=A8)
+    x = next(iter(digits[1]))[0]
+    table = precision.latency_table(cnn, base, digits[0], x, candidates=("float", "int8", "int4"))
+    scores = table.assign(score=table["candidate"].map({"float": 0.0, "int4": 0.1, "int8": 0.5}))
+    budget = 3.65
+    choice, rounds = precision.latency_search(cnn, base, scores, budget, digits[0], x)
+    cache = precision.PTQCache(cnn, base, digits[0])
+    measured = timer(cache, {"m": precision.mixed_config(base, choice)}, x)["m"]
+    assert measured <= budget and rounds["meets"].iloc[-1] and not rounds["meets"].iloc[:-1].any()
+    assert list(rounds.columns) == ["round", "working_ms", "predicted_ms", "measured_ms", "meets", "mix"]
+    assert rounds["measured_ms"].iloc[-1] == pytest.approx(measured)
+    assert (rounds["predicted_ms"] <= rounds["working_ms"] + 1e-9).all()
+    # the first round's pick was measured over the budget (the non-additive term), so there was a second round
+    assert len(rounds) == 2 and rounds["measured_ms"].iloc[0] == pytest.approx(3.9)
+    assert rounds["working_ms"].iloc[1] == pytest.approx(3.35) and measured == pytest.approx(3.6)
+    assert sorted(choice.values()) == ["float", "int4", "int8", "int8", "int8"]
+    # brute force over every mix: the result is a mix the "measurement" puts within budget, and no mix the table
+    # predicts within the final working budget scores lower
+    per_layer = {n: ["float", "int8", "int4"] for n in CNN_LAYERS}
+    best = min(
+        sum(scores.set_index(["layer", "candidate"]).loc[(n, c), "score"] for n, c in zip(CNN_LAYERS, mix, strict=True))
+        for mix in itertools.product(*per_layer.values())
+        if sum(table.set_index(["layer", "candidate"]).loc[(n, c), "latency_ms"]
+               for n, c in zip(CNN_LAYERS, mix, strict=True)) <= rounds["working_ms"].iloc[-1] + 1e-9
+    )  # fmt: skip
+    s = scores.set_index(["layer", "candidate"])["score"]
+    assert sum(s[(n, c)] for n, c in choice.items()) == pytest.approx(best)
+    with pytest.raises(ValueError, match=r"budget_ms=2 is below the smallest mix"):
+        precision.latency_search(cnn, base, scores, 2.0, digits[0], x)
+    with pytest.raises(ValueError, match="no mix was measured within budget_ms=3.65 ms in 1 rounds"):
+        precision.latency_search(cnn, base, scores, budget, digits[0], x, rounds=1)
+    with pytest.raises(ValueError, match="budget_ms=-1 must be a positive number"):
+        precision.latency_search(cnn, base, scores, -1, digits[0], x)
+
+
 # ------------------------------------------------------------------------------ candidate_scores, mixed_config
 
 
@@ -773,6 +907,24 @@ def test_frontier(cnn, digits):
     searched = precision.mixed_config(base, mix)
     run = qat_run(cnn, searched, train, test, steps=3, lr=5e-4, seed=0, calib_batches=8, validate=False)
     assert df[df["method"] == "QAT mixed"]["acc"].iloc[0] == run["acc"]
+
+
+def test_frontier_latency(cnn, digits, monkeypatch):
+    # latency points: every config timed once (the fake timer: the sum of per-candidate costs), a latency budget's
+    # mix measured within it
+    monkeypatch.setattr(precision, "time_mixes", _fake_timer(COST))
+    train, test = digits
+    x = next(iter(test))[0]
+    base = QATConfig(weight=W8, activation=A8)
+    with pytest.raises(ValueError, match="budgets_ms needs latency_inputs"):
+        precision.frontier(cnn, base, train, test, budgets_ms={"fast": 3.0}, progress=False)
+    df = precision.frontier(cnn, base, train, test, uniforms=("int8", "int4"), candidates=("float", "int8", "int4"),
+                            budgets={}, budgets_ms={"<= 3 ms": 3.0}, latency_inputs=x, progress=False)  # fmt: skip
+    assert list(df.columns) == ["method", "point", "size_kb", "acc", "seed", "mix", "latency_ms"]
+    lat = df.set_index("point")["latency_ms"]
+    assert lat["int8"] == pytest.approx(5 * COST["int8"]) and lat["int4"] == pytest.approx(5 * COST["int4"])
+    mix = dict(item.split(":") for item in df.set_index("point").loc["<= 3 ms", "mix"].split(", "))
+    assert lat["<= 3 ms"] == pytest.approx(sum(COST[c] for c in mix.values())) and lat["<= 3 ms"] <= 3.0
 
 
 # -------------------------------------------------------------------------------------------- precision_map
