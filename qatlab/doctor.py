@@ -1,0 +1,568 @@
+"""The QAT doctor: "why is my QAT worse than PTQ?" answered by checks, each naming the evidence and the fix.
+
+:func:`diagnose` runs every check its inputs allow on a prepared (calibrated, PTQ'd or QAT-trained) model and
+returns one row per check: ``check``, ``status`` (``"ok"``, ``"warn"`` or ``"fail"``), ``evidence`` (the
+measured number, in words, naming the layer), ``fix`` (what to do), and ``layer`` (the worst layer, or "").
+It works on a deep copy: the model it is given is never changed (not its weights, ranges, BN statistics, nor
+its train/eval flags).
+
+The checks and what each needs beside the model and the evaluation loader:
+
+=====================  ===========================================================================================
+``mode``               BatchNorm left in train mode in an eval model (pytorch PR #115715), a model in train mode
+``activation_ranges``  the share of each layer's input values the calibrated range clips on ``loader`` (ranges
+                       calibrated on differently preprocessed data, or on too few batches)
+``bn_statistics``      running statistics against the statistics of ``loader``'s batches, per BatchNorm
+``bn_training``        BN statistics still updating in QAT, and the training batch size (``train_batch_size``)
+``bn_settings``        momentum and eps against the float model's (``float_model``; torchao#2980)
+``learned_scales``     LSQ/PACT scales that collapsed or exploded, against the min-max scale of the same tensor
+``convert_gap``        the converted (BN-folded) model's outputs against the QAT model's in eval
+``deployment``         an exported file (``onnx_path``): semantic and ONNX Runtime parity, int16 saturation risk
+``ddp_ranks``          ranks whose weights, ranges or BN statistics differ (``rank_states``: one
+                       :func:`qatlab.distributed.rank_state` per rank; pytorch#85627)
+``noise_floor``        is QAT's gain over PTQ larger than the seed spread (``seeds``: accuracies per arm)
+=====================  ===========================================================================================
+
+The thresholds (:class:`Thresholds`) come from the lab's healthy models against planted faults, one for every
+check (``tests/test_doctor.py``).
+
+Example:
+    >>> report = diagnose(qat_model, test_loader, float_model=model)  # doctest: +SKIP
+    >>> report[report["status"] != "ok"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qatlab.analysis import clipped_fraction
+from qatlab.modules import FakeQuantizer, QuantConvBn2d
+from qatlab.prepare import convert, enable_fake_quant, quantizers, run_batch
+
+STATUSES = ("ok", "warn", "fail")
+COLUMNS = ("check", "status", "evidence", "fix", "layer")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a measurement turns from ``ok`` to ``warn`` to ``fail``.
+
+    Measured on the sklearn-digits CNN (``tests/test_doctor.py``), healthy (W8A8 and W4A4 PTQ, W4A4 QAT with and
+    without LSQ) against planted faults: activation values clipped 0.00-0.04% healthy, 52-90% when calibrated
+    on images scaled by 0.25; running variance 1.04-1.13x the evaluation data's healthy, 2.3x after 50 steps of
+    batch-1 QAT; running mean within 0.06 batch std healthy; learned scales 0.79-1.09x the min-max scale after
+    LSQ QAT; converted vs QAT outputs identical with folded BN, 1.1e-3 of the output range with simulated BN
+    (per-tensor 3-bit weights: float rounding at a grid tie), 0.20 with BN kept apart (``bn_mode="keep"``).
+
+    Attributes:
+        clip_warn, clip_fail: share of a layer input's values beyond the calibrated grid on the loader.
+        bn_shift_warn, bn_shift_fail: a BatchNorm's running mean against the loader's batch mean, in batch
+            standard deviations (mean over channels).
+        bn_var_warn, bn_var_fail: ``|log(running var / batch var)|``, median over channels (log 2 = a factor 2).
+        min_bn_batch: the smallest training batch whose statistics BN may learn from.
+        scale_low, scale_high: a learned scale over the min-max scale of its tensor, outside which it has
+            collapsed (clips nearly everything) or exploded (uses a few levels of the grid).
+        convert_agreement: the smallest argmax agreement of the converted model with the QAT model.
+        convert_rel_diff: the largest output difference of the two, relative to the output's range.
+    """
+
+    clip_warn: float = 0.01
+    clip_fail: float = 0.05
+    bn_shift_warn: float = 0.5
+    bn_shift_fail: float = 1.0
+    bn_var_warn: float = math.log(1.5)
+    bn_var_fail: float = math.log(2.0)
+    min_bn_batch: int = 16
+    scale_low: float = 0.05
+    scale_high: float = 4.0
+    convert_agreement: float = 0.99
+    convert_rel_diff: float = 1e-2
+
+
+THRESHOLDS = Thresholds()
+
+
+def _row(check: str, status: str, evidence: str, fix: str = "", layer: str = "") -> dict[str, str]:
+    assert status in STATUSES, status
+    return {
+        "check": check,
+        "status": status,
+        "evidence": evidence,
+        "fix": fix if status != "ok" else "",
+        "layer": layer,
+    }
+
+
+def _grade(value: float, warn: float, fail: float) -> str:
+    return "fail" if value > fail else "warn" if value > warn else "ok"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _bns(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding BatchNorm statistics: BatchNorm layers, and Conv+BN layers (their ``.bn`` is inside)."""
+    inner = {id(m.bn) for m in model.modules() if isinstance(m, QuantConvBn2d)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, QuantConvBn2d) or (isinstance(m, _BatchNorm) and id(m) not in inner)
+    }
+
+
+def _stats_module(m: nn.Module) -> _BatchNorm:
+    return m.bn if isinstance(m, QuantConvBn2d) else m
+
+
+def _run(model: nn.Module, batches: list, device, handles: list) -> None:
+    """Run the batches through the model (no gradients), then remove the hooks, also on an error."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def _uses_batch_stats(m: nn.Module) -> bool:
+    """Whether a BN-holding module in train mode normalises with the batch's statistics."""
+    return not (isinstance(m, QuantConvBn2d) and m.bn_frozen)
+
+
+def check_mode(model: nn.Module) -> list[dict[str, str]]:
+    """BatchNorm layers whose train/eval flag differs from the model's: in train mode inside an eval model they
+    normalise with each evaluation batch's statistics (unless their statistics are frozen)."""
+    odd = [n for n, m in _bns(model).items() if m.training != model.training]
+    harmful = [n for n in odd if not model.training and _uses_batch_stats(dict(model.named_modules())[n])]
+    if odd:
+        where, whole = ("train", "eval") if not model.training else ("eval", "train")
+        names = harmful or odd
+        effect = ("normalise with each evaluation batch's statistics" if harmful
+                  else "have frozen statistics, so evaluation is unaffected; training is not")  # fmt: skip
+        return [_row("mode", "fail" if harmful else "warn",
+                     f"{len(odd)} BatchNorm layer(s) in {where} mode inside a model in {whole} mode ({effect}): "
+                     f"{', '.join(names[:4])}",
+                     "call model.eval() on the whole model before evaluating or exporting (a module-level "
+                     ".train() or a custom train() override left these behind)", names[0])]  # fmt: skip
+    if model.training:
+        return [_row("mode", "warn", "the model is in train mode: evaluation would use batch statistics and "
+                     "move observer ranges", "call model.eval() before evaluating, converting or exporting")]  # fmt: skip
+    return [_row("mode", "ok", "the model and all its BatchNorm layers are in eval mode")]
+
+
+def _input_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Static, integer, enabled activation quantizers with a calibrated (not learned) range: it can clip.
+    A learned scale (LSQ/PACT) clips by design; ``learned_scales`` checks those."""
+    return {
+        n: q
+        for n, q in quantizers(model)
+        if not q.is_weight
+        and not q.dynamic
+        and not q.spec.learned
+        and q.spec.is_integer
+        and q.fake_quant_enabled
+        and q.calibrated
+    }
+
+
+def check_activation_ranges(model: nn.Module, batches: list, device, th: Thresholds) -> list[dict[str, str]]:
+    qs = _input_quantizers(model)
+    if not qs:
+        return [
+            _row("activation_ranges", "ok", "no calibrated activation ranges (dynamic, learned or float)")
+        ]
+    clipped = dict.fromkeys(qs, 0.0)
+    seen = dict.fromkeys(qs, 0)
+    handles = []
+    for name, q in qs.items():
+
+        def hook(mod, args, name=name):
+            x = args[0].detach()
+            clipped[name] += clipped_fraction(x, mod.scale.detach(), mod.zero_point, mod.spec) * x.numel()
+            seen[name] += x.numel()
+
+        handles.append(q.register_forward_pre_hook(hook))
+    _run(model, batches, device, handles)
+    share = {n: clipped[n] / seen[n] if seen[n] else 0.0 for n in qs}
+    worst = max(share, key=share.get)
+    status = _grade(share[worst], th.clip_warn, th.clip_fail)
+    over = [n for n, s in share.items() if s > th.clip_warn]
+    evidence = (f"{_pct(share[worst])} of {worst}'s values lie beyond its calibrated range on this data "
+                f"({len(over)} of {len(share)} layer inputs over {_pct(th.clip_warn)})")  # fmt: skip
+    fix = ("recalibrate (qatlab.calibrate) on data preprocessed exactly as for evaluation, and on enough batches "
+           "(16+); if the ranges were learned (LSQ/PACT) or chosen to clip (percentile, MSE), check those")  # fmt: skip
+    return [_row("activation_ranges", status, evidence, fix, worst.rsplit(".", 1)[0])]
+
+
+def _bn_input_stats(model: nn.Module, batches: list, device) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per BN-holding module: per-channel mean and variance of its BatchNorm's input over the batches, with fake
+    quantization off (the float path: a clipped range upstream is ``activation_ranges``' finding, not BN's)."""
+    model = enable_fake_quant(copy.deepcopy(model), False)
+    sums: dict[str, tuple[Tensor, Tensor, int]] = {}
+    handles = []
+    for name, m in _bns(model).items():
+
+        def hook(mod, args, name=name):
+            x = args[0].detach()
+            if isinstance(mod, QuantConvBn2d):  # BN's input: the conv with the unfolded weight
+                x = mod._conv(x, mod.weight, mod.bias)
+            x = x.transpose(0, 1).reshape(x.shape[1], -1).double().cpu()  # (C, N*H*W)
+            s1, s2, n = sums.get(name, (0.0, 0.0, 0))
+            sums[name] = (s1 + x.sum(1), s2 + (x * x).sum(1), n + x.shape[1])
+
+        handles.append(m.register_forward_pre_hook(hook))
+    _run(model, batches, device, handles)
+    out = {}
+    for name, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        out[name] = (mean, (s2 / n - mean * mean).clamp(min=0))
+    return out
+
+
+def check_bn_statistics(model: nn.Module, batches: list, device, th: Thresholds) -> list[dict[str, str]]:
+    mods = _bns(model)
+    if not mods:
+        return [_row("bn_statistics", "ok", "no BatchNorm left in the model (folded, or none)")]
+    stats = _bn_input_stats(model, batches, device)
+    worst_name, worst_status, worst_score, worst_text = "", "ok", -1.0, ""
+    for name, (mean, var) in stats.items():
+        bn = _stats_module(mods[name])
+        rm, rv = bn.running_mean.double().cpu(), bn.running_var.double().cpu()
+        live = var > 1e-12  # channels that carry a signal on this data
+        if not live.any():
+            continue
+        shift = float(((rm - mean).abs() / (var + bn.eps).sqrt())[live].mean())
+        logvar = float(((rv + bn.eps) / (var + bn.eps)).log().abs()[live].median())
+        status = max(_grade(shift, th.bn_shift_warn, th.bn_shift_fail), _grade(logvar, th.bn_var_warn, th.bn_var_fail),
+                     key=STATUSES.index)  # fmt: skip
+        score = max(shift / th.bn_shift_fail, logvar / th.bn_var_fail)
+        if score > worst_score:
+            worst_name, worst_status, worst_score = name, status, score
+            worst_text = (f"{name}: running mean {shift:.2f} batch std from this data's mean, running variance "
+                          f"{math.exp(logvar):.2f}x off (median over channels)")  # fmt: skip
+    if not worst_name:
+        return [_row("bn_statistics", "ok", "no BatchNorm channel carries a signal on this data")]
+    fix = ("re-estimate BN statistics on training data (qatlab.prepare.reestimate_bn) with batches of 32+, then "
+           "freeze them (freeze_bn_stats); if the data here is preprocessed differently from training, fix that")  # fmt: skip
+    return [_row("bn_statistics", worst_status, worst_text, fix, worst_name)]
+
+
+def check_bn_training(model: nn.Module, train_batch_size: int | None, th: Thresholds) -> list[dict[str, str]]:
+    convbn = {n: m for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)}
+    plain = {n: m for n, m in _bns(model).items() if not isinstance(m, QuantConvBn2d)}
+    updating = [n for n, m in convbn.items() if not m.bn_frozen] + [
+        n for n, m in plain.items() if m.track_running_stats and (m.momentum is None or m.momentum > 0)
+    ]  # a plain BatchNorm learns statistics whenever it trains
+    if not convbn and not plain:
+        return [_row("bn_training", "ok", "no BatchNorm left in the model (folded before QAT, or none)")]
+    if train_batch_size is not None and updating and train_batch_size < th.min_bn_batch:
+        return [_row("bn_training", "fail",
+                     f"{len(updating)} BatchNorm layer(s) learn statistics from training batches of "
+                     f"{train_batch_size} (< {th.min_bn_batch}): {', '.join(updating[:4])}",
+                     "train with larger batches, or freeze BN statistics (QATConfig(bn_mode='fold'), or "
+                     "qatlab.freeze_bn_stats before QAT / fit(freeze_bn_epoch=0))", updating[0])]  # fmt: skip
+    unfrozen = [n for n, m in convbn.items() if not m.bn_frozen]
+    if unfrozen:
+        return [_row("bn_training", "warn",
+                     f"BN statistics of {len(unfrozen)} Conv+BN layer(s) still update in training: "
+                     f"{', '.join(unfrozen[:4])}",
+                     "freeze them for the last part of QAT (fit(freeze_bn_epoch=...)); the deployed model folds "
+                     "the running statistics, which then stop moving under the quantized weights", unfrozen[0])]  # fmt: skip
+    batch = "" if train_batch_size is None else f", training batch {train_batch_size}"
+    return [_row("bn_training", "ok", f"BN statistics frozen{batch}")]
+
+
+def check_bn_settings(model: nn.Module, float_model: nn.Module) -> list[dict[str, str]]:
+    ref = [m for m in float_model.modules() if isinstance(m, _BatchNorm)]
+    got = {n: _stats_module(m) for n, m in _bns(model).items()}
+    if not got:
+        return [_row("bn_settings", "ok", "no BatchNorm left in the model (folded, or none)")]
+    if len(ref) != len(got):
+        return [_row("bn_settings", "warn", f"the float model has {len(ref)} BatchNorm layers, this one "
+                     f"{len(got)}: cannot pair them", "pass the float model this one was prepared from")]  # fmt: skip
+    bad = []
+    for (name, bn), fbn in zip(got.items(), ref, strict=True):
+        if bn.eps != fbn.eps or bn.momentum != fbn.momentum:
+            bad.append((name, f"eps {bn.eps:g} vs {fbn.eps:g}, momentum {bn.momentum} vs {fbn.momentum}",
+                        bn.eps != fbn.eps))  # fmt: skip
+    if not bad:
+        return [
+            _row(
+                "bn_settings",
+                "ok",
+                f"eps and momentum of all {len(got)} BatchNorm layers as in the float model",
+            )
+        ]
+    status = "fail" if any(e for *_, e in bad) else "warn"
+    name, text, _ = bad[0]
+    return [_row("bn_settings", status, f"{len(bad)} BatchNorm layer(s) differ from the float model; {name}: {text}",
+                 "copy eps and momentum from the float model's BatchNorm (a rebuilt BN gets the defaults, "
+                 "eps 1e-5 and momentum 0.1): eps changes what folding computes", name)]  # fmt: skip
+
+
+def _minmax_scale(q: FakeQuantizer, x: Tensor) -> Tensor:
+    """The min-max scale of ``x`` under the quantizer's grid, per channel where the quantizer is."""
+    spec = q.spec
+    if spec.per_channel:
+        flat = x.detach().transpose(0, spec.ch_axis).reshape(x.shape[spec.ch_axis], -1)
+        lo, hi = flat.min(1).values, flat.max(1).values
+    else:
+        lo, hi = x.detach().min().reshape(1), x.detach().max().reshape(1)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    if spec.symmetric:
+        return torch.maximum(-lo, hi) / max(spec.qmax, -spec.qmin)
+    return (hi - lo) / (spec.qmax - spec.qmin)
+
+
+def check_learned_scales(model: nn.Module, batches: list, device, th: Thresholds) -> list[dict[str, str]]:
+    learned = {n: q for n, q in quantizers(model) if q.spec.learned}
+    if not learned:
+        return [_row("learned_scales", "ok", "no learned scales (no LSQ/PACT quantizer)")]
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name, q in learned.items():
+        if q.is_weight:
+            continue
+
+        def hook(mod, args, name=name):
+            x = args[0].detach()
+            s = _minmax_scale(mod, x)
+            seen[name] = s if name not in seen else torch.maximum(seen[name], s)
+
+        handles.append(q.register_forward_pre_hook(hook))
+    _run(model, batches, device, handles)
+    mods = dict(model.named_modules())
+    ratios = {}
+    for name, q in learned.items():
+        if q.is_weight:  # the tensor it quantizes: the folded weight in a simulated Conv+BN
+            layer = mods[name.rsplit(".", 1)[0]]
+            simulated = isinstance(layer, QuantConvBn2d) and layer.mode == "simulate"
+            seen[name] = _minmax_scale(q, layer.folded()[0] if simulated else layer.weight)
+        if name not in seen:
+            continue
+        scale = q.scale.detach().abs().cpu()
+        ref = seen[name].cpu().clamp(min=1e-12)
+        if not torch.isfinite(q.scale.detach()).all():
+            return [_row("learned_scales", "fail", f"{name}: the learned scale is not finite",
+                         "lower the scale's learning rate, or clip its gradient; restart from calibration", name)]  # fmt: skip
+        r = scale / ref
+        ratios[name] = (float(r.min()), float(r.max()))
+    if not ratios:
+        return [_row("learned_scales", "ok", "the learned activation scales saw no data")]
+    low = min(ratios, key=lambda n: ratios[n][0])
+    high = max(ratios, key=lambda n: ratios[n][1])
+    if ratios[low][0] < th.scale_low:
+        return [_row("learned_scales", "fail",
+                     f"{low}: learned scale collapsed to {ratios[low][0]:.3g}x the min-max scale of its tensor "
+                     f"(< {th.scale_low}): nearly every value clips",
+                     "restart from calibrated scales with a smaller scale learning rate (LSQ's gradient scale), "
+                     "or freeze the scales", low)]  # fmt: skip
+    if ratios[high][1] > th.scale_high:
+        return [_row("learned_scales", "fail",
+                     f"{high}: learned scale exploded to {ratios[high][1]:.3g}x the min-max scale of its tensor "
+                     f"(> {th.scale_high}): only a few levels of the grid are used",
+                     "restart from calibrated scales with a smaller scale learning rate, or freeze the scales", high)]  # fmt: skip
+    lo_all = min(v[0] for v in ratios.values())
+    hi_all = max(v[1] for v in ratios.values())
+    return [_row("learned_scales", "ok", f"learned scales {lo_all:.2f}x to {hi_all:.2f}x the min-max scale of "
+                 f"their tensors ({len(ratios)} quantizers)")]  # fmt: skip
+
+
+def _outputs(model: nn.Module, batches: list, device) -> Tensor:
+    outs = []
+    with torch.no_grad():
+        for batch in batches:
+            y = run_batch(model, batch, device)
+            y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
+            outs.append(y.detach().float().cpu())
+    return torch.cat(outs)
+
+
+def check_convert_gap(model: nn.Module, batches: list, device, th: Thresholds) -> list[dict[str, str]]:
+    qat = copy.deepcopy(model).eval()
+    deployed = convert(model)
+    a, b = _outputs(qat, batches, device), _outputs(deployed, batches, device)
+    span = float((a.max() - a.min()).clamp(min=1e-12))
+    rel = float((a - b).abs().max()) / span
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean()) if a.dim() > 1 else float("nan")
+    text = f"converted vs QAT model in eval: max output difference {rel:.2e} of the output range"
+    text += "" if math.isnan(agree) else f", argmax agreement {_pct(agree)}"
+    bad = rel > th.convert_rel_diff or (not math.isnan(agree) and agree < th.convert_agreement)
+    if not bad:
+        return [_row("convert_gap", "ok", text)]
+    keep = [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d) and m.mode == "keep"]
+    fix = ("train with bn_mode='simulate' (the QAT model quantizes the folded weight the deployed model uses)"
+           if keep else "compare layer by layer (export.verify_onnx(..., layerwise=True)) to find where it starts")  # fmt: skip
+    if keep:
+        text += (
+            f"; {len(keep)} Conv+BN layer(s) in bn_mode 'keep' quantize the unfolded weight in QAT: {keep[0]}"
+        )
+    return [_row("convert_gap", "fail", text, fix, keep[0] if keep else "")]
+
+
+def check_deployment(model: nn.Module, onnx_path: str | Path, batches: list) -> list[dict[str, str]]:
+    from qatlab.export import verify_onnx
+
+    x = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+    r = verify_onnx(model, onnx_path, x)
+    rows = []
+    if not r["semantic_passed"]:
+        rows.append(_row("deployment", "fail",
+                         f"the file does not compute what the model computes: {r['semantic_diff_in_lsb']:.1f} output "
+                         f"LSB off under the ONNX reference evaluator (argmax agreement "
+                         f"{_pct(r['semantic_argmax_agreement'])})",
+                         "export again from this model (the file is stale, or the model changed after export)"))  # fmt: skip
+    elif not r["passed"]:
+        cause = r["diagnosis"] or "no saturation explains it"
+        rows.append(_row("deployment", "fail" if r["diagnosis"] is None else "warn",
+                         f"ONNX Runtime here is {r['diff_in_lsb']:.1f} output LSB off (agreement "
+                         f"{_pct(r['argmax_agreement'])}); {cause}",
+                         "QuantSpec(reduce_range=True) for the layers named (int16 pair sums saturate on AVX2 "
+                         "without VNNI); else export.verify_onnx(..., layerwise=True)"))  # fmt: skip
+    elif r["layers_at_risk"]:
+        rows.append(_row("deployment", "warn",
+                         f"parity holds on this CPU ({r['cpu_int8']}), but {len(r['layers_at_risk'])} layer(s) can "
+                         f"saturate int16 pair sums on x86-64 CPUs without VNNI: {', '.join(r['layers_at_risk'][:4])}",
+                         "QuantSpec(reduce_range=True) for those layers' weights (7-bit codes cannot overflow)",
+                         r["layers_at_risk"][0]))  # fmt: skip
+    else:
+        rows.append(_row("deployment", "ok", f"reference evaluator {r['semantic_diff_in_lsb']:.2f} and ONNX Runtime "
+                         f"{r['diff_in_lsb']:.2f} output LSB off; no layer at risk of int16 saturation"))  # fmt: skip
+    return rows
+
+
+def check_ddp_ranks(rank_states: Sequence[Mapping[str, Tensor]]) -> list[dict[str, str]]:
+    if len(rank_states) < 2:
+        return [_row("ddp_ranks", "ok", "one rank: nothing to compare")]
+    kinds = {"weight": "weights", "bias": "weights", "min_val": "observer ranges", "max_val": "observer ranges",
+             "scale": "quantizer scales", "zero_point": "quantizer zero points", "running_mean": "BN statistics",
+             "running_var": "BN statistics"}  # fmt: skip
+    worst: dict[str, tuple[float, str, int]] = {}
+    ref = rank_states[0]
+    for rank, other in enumerate(rank_states[1:], start=1):
+        for name, t in ref.items():
+            kind = kinds.get(name.rsplit(".", 1)[-1])
+            if kind is None or name not in other or not t.numel():
+                continue
+            d = float((other[name].double() - t.double()).abs().max())
+            if d > worst.get(kind, (0.0, "", 0))[0]:
+                worst[kind] = (d, name, rank)
+    if not worst:
+        return [_row("ddp_ranks", "ok", f"{len(rank_states)} ranks hold identical weights, ranges, scales and BN "
+                     "statistics")]  # fmt: skip
+    kind, (d, name, rank) = max(worst.items(), key=lambda kv: kv[1][0])
+    return [_row("ddp_ranks", "fail",
+                 f"{', '.join(worst)} differ between ranks; largest: {name} on rank {rank} vs rank 0 by {d:.3g}",
+                 "sync observers across ranks (qatlab.distributed.sync_observers, before DDP wrapping) and use "
+                 "SyncBatchNorm or freeze BN statistics; prepare the model before wrapping it in DDP",
+                 name.rsplit(".", 2)[0])]  # fmt: skip
+
+
+def check_noise_floor(seeds: Mapping[str, Sequence[float]]) -> list[dict[str, str]]:
+    from qatlab.experiments import compare_arms
+
+    if not {"QAT", "PTQ"} <= set(seeds):
+        raise ValueError(
+            f"seeds needs 'QAT' and 'PTQ' accuracies (same seeds, same order); got {list(seeds)}"
+        )
+    v = compare_arms(list(seeds["QAT"]), list(seeds["PTQ"]))
+    text = f"QAT - PTQ = {100 * v['mean_diff']:+.2f}"
+    text += (
+        f" +- {100 * v['ci95']:.2f} points over {v['seeds']} seeds" if v["seeds"] > 1 else " points, one seed"
+    )
+    if v["verdict"] == "held":
+        return [_row("noise_floor", "ok", text + ": QAT's gain is beyond the seed spread")]
+    if v["verdict"] == "reversed":
+        return [_row("noise_floor", "fail", text + ": QAT is worse than PTQ beyond the seed spread",
+                     "look at the other checks (BN, ranges, learned scales, LR): a real defect, not noise")]  # fmt: skip
+    return [_row("noise_floor", "warn", text + ": the difference is within the seed spread",
+                 "run more seeds (5+) before concluding QAT did or did not help")]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- diagnose
+
+
+def _batches(loader: Iterable, n: int) -> list:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def diagnose(
+    model: nn.Module,
+    loader: Iterable,
+    float_model: nn.Module | None = None,
+    onnx_path: str | Path | None = None,
+    train_batch_size: int | None = None,
+    rank_states: Sequence[Mapping[str, Tensor]] | None = None,
+    seeds: Mapping[str, Sequence[float]] | None = None,
+    batches: int = 4,
+    device: str | torch.device = "cpu",
+    thresholds: Thresholds = THRESHOLDS,
+) -> pd.DataFrame:
+    """Run every check the inputs allow; one row per check (see the module docstring).
+
+    Args:
+        model: a prepared model (``prepare_qat``/``ptq``, calibrated or trained); never changed.
+        loader: the data the model is evaluated on (its first ``batches`` batches are used).
+        float_model: the float model it was prepared from (unlocks ``bn_settings``).
+        onnx_path: an exported file of this model (unlocks ``deployment``).
+        train_batch_size: the batch size QAT trained with (sharpens ``bn_training``).
+        rank_states: :func:`qatlab.distributed.rank_state` of every DDP rank (unlocks ``ddp_ranks``).
+        seeds: ``{"QAT": [acc per seed], "PTQ": [acc per seed]}`` (unlocks ``noise_floor``).
+
+    Raises:
+        ValueError: a float model (no quantizers), an empty loader, or a batch the model cannot run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(True for _ in quantizers(model)):
+        raise ValueError(
+            "model has no FakeQuantizers: diagnose a model from qatlab.prepare_qat / qatlab.ptq (a float model "
+            "goes in float_model=)"
+        )
+    if batches < 1:
+        raise ValueError(f"batches={batches} must be >= 1")
+    data = _batches(loader, batches)
+    if not data:
+        raise ValueError("loader has no batches (an empty data set?); pass a loader over the evaluation data")
+    th = thresholds
+    rows = check_mode(model)  # on the model as given: its flags are the evidence
+    work = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            run_batch(work, data[0], device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        shape = tuple(data[0][0].shape) if isinstance(data[0], (tuple, list)) else "?"
+        raise ValueError(f"the model cannot run loader's batches (input shape {shape}): {exc}") from exc
+    rows += check_activation_ranges(work, data, device, th)
+    rows += check_bn_statistics(work, data, device, th)
+    rows += check_bn_training(model, train_batch_size, th)
+    if float_model is not None:
+        rows += check_bn_settings(model, float_model)
+    rows += check_learned_scales(work, data, device, th)
+    rows += check_convert_gap(work, data, device, th)
+    if onnx_path is not None:
+        rows += check_deployment(work, onnx_path, data)
+    if rank_states is not None:
+        rows += check_ddp_ranks(rank_states)
+    if seeds is not None:
+        rows += check_noise_floor(seeds)
+    return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -1,0 +1,276 @@
+"""The QAT doctor: every check flags its planted fault (naming the layer or the number), passes the healthy
+model, and the fix it names brings the accuracy back. Everything on the sklearn digits (8x8), one torch thread."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import qatlab
+from qatlab import QATConfig, QuantSpec, doctor
+from qatlab.config import lab_config
+from qatlab.data import digits_loaders
+from qatlab.distributed import rank_state
+from qatlab.experiments import one_thread
+from qatlab.export import export_onnx
+from qatlab.models import build_model
+from qatlab.modules import QuantConvBn2d
+from qatlab.prepare import reestimate_bn
+
+W4A4 = QATConfig(weight=QuantSpec(bits=4, symmetric=True, per_channel=True), activation=QuantSpec(bits=4))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_loaders(batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cnn(digits):
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    qatlab.fit(model, digits[0], epochs=3, lr=0.05, progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def healthy(cnn, digits):
+    """W4A4 PTQ with simulated Conv+BN (BN statistics present, frozen)."""
+    return qatlab.ptq(cnn, W4A4, digits[0])
+
+
+@pytest.fixture(scope="module")
+def healthy_lsq(cnn, digits):
+    """The lab's W4A4 QAT (LSQ activation scales), 2 epochs, BN frozen after the first."""
+    qat = qatlab.calibrate(qatlab.prepare_qat(cnn, lab_config(4)), digits[0])
+    qatlab.fit(qat, digits[0], epochs=2, lr=0.005, freeze_bn_epoch=1, progress=False)
+    return qat.eval()
+
+
+def _status(report: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(report["check"], report["status"], strict=True))
+
+
+def _only(report: pd.DataFrame, check: str, status: str = "fail") -> pd.Series:
+    """The row of ``check``, which has ``status``; every other check is not a fail."""
+    st = _status(report)
+    assert st[check] == status, report.to_string()
+    others = {c: s for c, s in st.items() if c != check}
+    assert "fail" not in others.values(), report.to_string()
+    row = report.set_index("check").loc[check]
+    assert row["fix"], "a flagged check names its fix"
+    return row
+
+
+def _acc(model, loader) -> float:
+    return qatlab.evaluate(model, loader)["acc"]
+
+
+# ------------------------------------------------------------------------------------------------ healthy
+
+
+@pytest.mark.parametrize("which", ["healthy", "healthy_lsq"])
+def test_healthy_models_get_no_fail(which, request, cnn, digits):
+    model = request.getfixturevalue(which)
+    report = doctor.diagnose(model, digits[1], float_model=cnn, train_batch_size=64)
+    assert list(report.columns) == ["check", "status", "evidence", "fix", "layer"]
+    assert set(report["status"]) <= {"ok"}, report.to_string()
+    assert list(report["check"]) == ["mode", "activation_ranges", "bn_statistics", "bn_training", "bn_settings",
+                                     "learned_scales", "convert_gap"]  # fmt: skip
+    assert (report["fix"] == "").all()
+
+
+def test_diagnose_changes_nothing(healthy_lsq, digits, cnn):
+    model = copy.deepcopy(healthy_lsq).train()  # train mode: the doctor says so, and leaves it so
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: m.training for n, m in model.named_modules()}
+    report = doctor.diagnose(model, digits[1], float_model=cnn)
+    assert _status(report)["mode"] == "warn"
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert flags == {n: m.training for n, m in model.named_modules()}
+
+
+def test_errors(cnn, healthy, digits):
+    with pytest.raises(
+        ValueError, match="model has no FakeQuantizers: diagnose a model from qatlab.prepare_qat"
+    ):
+        doctor.diagnose(cnn, digits[1])
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    with pytest.raises(ValueError, match="loader has no batches"):
+        doctor.diagnose(healthy, empty)
+    wrong = DataLoader(TensorDataset(torch.zeros(16, 3, 28), torch.zeros(16, dtype=torch.long)), batch_size=8)
+    with pytest.raises(
+        ValueError, match=r"the model cannot run loader's batches \(input shape \(8, 3, 28\)\)"
+    ):
+        doctor.diagnose(healthy, wrong)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        doctor.diagnose("model.pt", digits[1])
+    with pytest.raises(ValueError, match="seeds needs 'QAT' and 'PTQ'"):
+        doctor.diagnose(healthy, digits[1], seeds={"QAT": [0.9]})
+
+
+# --------------------------------------------------------------------------------------------- planted faults
+
+
+def test_bn_left_in_train_mode(cnn, digits):
+    # pytorch PR #115715: Conv+BN layers left in train mode inside an eval model (a custom train() override); their
+    # statistics are not frozen (a QAT model mid-training), so evaluation normalises with each batch's statistics
+    healthy = qatlab.calibrate(qatlab.prepare_qat(cnn, W4A4), digits[0]).eval()
+    model = copy.deepcopy(healthy)
+    for m in model.modules():
+        if isinstance(m, QuantConvBn2d):
+            m.train()
+    small = DataLoader(digits[1].dataset, batch_size=2)  # evaluation batches of 2: their statistics are noise
+    acc_bad = _acc_as_is(copy.deepcopy(model), small)  # (on a copy: train mode also moves running statistics)
+    row = _only(doctor.diagnose(model, digits[1]), "mode")
+    assert row["layer"] == "features.0" and "4 BatchNorm layer(s) in train mode" in row["evidence"]
+    assert "features.0, features.3, features.6, features.9" in row["evidence"]
+    assert "model.eval()" in row["fix"]
+    model.eval()  # the fix named
+    assert _status(doctor.diagnose(model, digits[1]))["mode"] == "ok"
+    assert _acc_as_is(model, small) == _acc(healthy, digits[1])
+    assert acc_bad < _acc(healthy, digits[1]) - 0.1  # the fault cost accuracy (measured: 72% vs 97%)
+    # the same flag on frozen statistics is harmless for evaluation: a warning, not a failure
+    frozen = qatlab.freeze_bn_stats(copy.deepcopy(healthy))
+    frozen.features[0].train()
+    assert _status(doctor.diagnose(frozen, digits[1]))["mode"] == "warn"
+    assert _acc_as_is(copy.deepcopy(frozen), small) == _acc(frozen, digits[1])
+
+
+def _acc_as_is(model, loader) -> float:
+    """Accuracy without qatlab.evaluate's model.eval(): how a user who forgot it would measure."""
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            n += len(y)
+    return correct / n
+
+
+def _scaled(loader, factor: float) -> DataLoader:
+    x = torch.cat([b[0] for b in loader]) * factor
+    y = torch.cat([b[1] for b in loader])
+    return DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+def test_activation_ranges_calibrated_on_other_preprocessing(cnn, digits):
+    # calibrated on images scaled to [0, 0.25] (another preprocessing), evaluated on [0, 1]
+    model = qatlab.ptq(cnn, W4A4, _scaled(digits[0], 0.25))
+    row = _only(doctor.diagnose(model, digits[1]), "activation_ranges")
+    share = float(row["evidence"].split("%")[0])
+    assert share > 100 * doctor.THRESHOLDS.clip_fail and row["layer"] in dict(model.named_modules())
+    assert "recalibrate" in row["fix"]
+    fixed = qatlab.ptq(cnn, W4A4, digits[0])  # the fix: calibrate on data preprocessed as for evaluation
+    assert _status(doctor.diagnose(fixed, digits[1]))["activation_ranges"] == "ok"
+    assert _acc(fixed, digits[1]) > _acc(model, digits[1]) + 0.05
+
+
+def test_bn_statistics_learned_from_batches_of_one(cnn, digits):
+    # QAT with batch 1 and BN statistics updating (momentum 0.1): the running statistics follow single images
+    qat = qatlab.calibrate(qatlab.prepare_qat(cnn, W4A4), digits[0])
+    ones = DataLoader(digits[0].dataset, batch_size=1, shuffle=True)
+    qatlab.fit(qat, ones, epochs=1, lr=1e-9, max_steps_per_epoch=50, progress=False)  # lr ~0: only BN moves
+    qat.eval()
+    report = doctor.diagnose(qat, digits[1], train_batch_size=1)
+    st = _status(report)
+    assert st["bn_statistics"] == "fail" and st["bn_training"] == "fail", report.to_string()
+    rows = report.set_index("check")
+    assert rows.loc["bn_statistics", "layer"] in {
+        n for n, m in qat.named_modules() if isinstance(m, QuantConvBn2d)
+    }
+    assert "batch std" in rows.loc["bn_statistics", "evidence"]
+    assert "batches of 1" in rows.loc["bn_training", "evidence"]
+    # the fix named: re-estimate BN statistics with larger batches, then freeze them
+    reestimate_bn(qat, digits[0])
+    qatlab.freeze_bn_stats(qat)
+    qat.eval()
+    st = _status(doctor.diagnose(qat, digits[1], train_batch_size=64))
+    assert st["bn_statistics"] == "ok" and st["bn_training"] == "ok"
+
+
+def test_bn_settings_reset_to_defaults(cnn, digits):
+    # torchao#2980: the float model's BN has eps 1e-3 and momentum 0.01; the prepared model's were reset
+    model = copy.deepcopy(cnn)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps, m.momentum = 1e-3, 0.01
+    ptq = qatlab.ptq(model, W4A4, digits[0])
+    assert _status(doctor.diagnose(ptq, digits[1], float_model=model))["bn_settings"] == "ok"
+    bad = copy.deepcopy(ptq)
+    convbn = [m for m in bad.modules() if isinstance(m, QuantConvBn2d)]
+    convbn[1].bn.eps, convbn[1].bn.momentum = 1e-5, 0.1
+    row = _only(doctor.diagnose(bad, digits[1], float_model=model), "bn_settings")
+    assert "eps 1e-05 vs 0.001" in row["evidence"] and row["layer"] == "features.3"
+
+
+@pytest.mark.parametrize("factor", [1e-3, 50.0])
+def test_learned_scale_collapsed_or_exploded(healthy_lsq, digits, factor):
+    model = copy.deepcopy(healthy_lsq)
+    with torch.no_grad():
+        model.features[3].input_quant.scale.mul_(factor)
+    row = _only(doctor.diagnose(model, digits[1]), "learned_scales")
+    assert row["layer"] == "features.3.input_quant"
+    assert ("collapsed" if factor < 1 else "exploded") in row["evidence"]
+    assert _acc(model, digits[1]) < _acc(healthy_lsq, digits[1])
+
+
+def test_convert_gap_of_bn_keep_mode(cnn, digits):
+    # bn_mode="keep" with per-tensor 3-bit weights: QAT quantizes the unfolded weight, deployment the folded one
+    cfg = QATConfig(weight=QuantSpec(bits=3, symmetric=True), activation=QuantSpec(bits=8), bn_mode="keep")
+    model = qatlab.ptq(cnn, cfg, digits[0])
+    row = _only(doctor.diagnose(model, digits[1]), "convert_gap")
+    assert "bn_mode 'keep'" in row["evidence"] and "simulate" in row["fix"]
+    fixed = qatlab.ptq(cnn, dataclasses.replace(cfg, bn_mode="simulate"), digits[0])
+    assert _status(doctor.diagnose(fixed, digits[1]))["convert_gap"] == "ok"
+
+
+def test_deployment_stale_export(healthy, digits, tmp_path):
+    x = next(iter(digits[1]))[0]
+    path = export_onnx(healthy, tmp_path / "m.onnx", x[:1])
+    ok = doctor.diagnose(healthy, digits[1], onnx_path=path, batches=1)
+    assert _status(ok)["deployment"] in ("ok", "warn")  # warn: a layer at risk on CPUs without VNNI
+    changed = copy.deepcopy(healthy)
+    with torch.no_grad():
+        changed.classifier.weight.mul_(-1.0)  # the model changed after export
+    row = _only(doctor.diagnose(changed, digits[1], onnx_path=path, batches=1), "deployment")
+    assert "reference evaluator" in row["evidence"] and "export again" in row["fix"]
+
+
+def test_ddp_ranks_with_unsynced_observers(healthy):
+    states = [rank_state(healthy), rank_state(healthy)]
+    assert _status_of(doctor.check_ddp_ranks(states)) == "ok"
+    bad = copy.deepcopy(states)
+    key = next(k for k in bad[1] if k.endswith("input_quant.observer.max_val"))
+    bad[1][key] = bad[1][key] + 0.5
+    rows = doctor.check_ddp_ranks(bad)
+    assert rows[0]["status"] == "fail" and key in rows[0]["evidence"] and "rank 1" in rows[0]["evidence"]
+    assert "0.5" in rows[0]["evidence"] and "sync_observers" in rows[0]["fix"]
+
+
+def _status_of(rows) -> str:
+    assert len(rows) == 1
+    return rows[0]["status"]
+
+
+def test_noise_floor():
+    held = doctor.check_noise_floor({"QAT": [0.90, 0.91, 0.92], "PTQ": [0.85, 0.86, 0.87]})
+    assert _status_of(held) == "ok" and "+5.00 +- 0.00 points over 3 seeds" in held[0]["evidence"]
+    noise = doctor.check_noise_floor({"QAT": [0.90, 0.86, 0.92], "PTQ": [0.88, 0.89, 0.88]})
+    assert _status_of(noise) == "warn" and "more seeds" in noise[0]["fix"]
+    worse = doctor.check_noise_floor({"QAT": [0.80, 0.81, 0.82], "PTQ": [0.85, 0.86, 0.87]})
+    assert _status_of(worse) == "fail"
