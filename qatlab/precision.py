@@ -858,6 +858,7 @@ def latency_search(
     calib_loader: Iterable,
     inputs: Tensor,
     budget_bits: float | None = None,
+    reference: str = "int8",
     rounds: int = 5,
     repeats: int = 50,
     threads: int = 1,
@@ -867,48 +868,70 @@ def latency_search(
 ) -> tuple[dict[str, str], pd.DataFrame]:
     """The mix :func:`search` picks under a latency budget, checked by measuring it in ONNX Runtime.
 
-    ``scores`` needs ``latency_ms`` (:func:`latency_table`, merged into :func:`candidate_scores`). Each round
-    searches with the summed per-layer latencies within a working budget, exports and times the chosen mix
-    on ``inputs``, and when the measured latency exceeds ``budget_ms`` lowers the working budget by the excess
-    (latency is not additive: fusion depends on the neighbours) and searches again.
+    ``scores`` needs ``latency_ms`` (:func:`latency_table`, merged into :func:`candidate_scores`) including the
+    table's ``reference`` rows. Each round searches with the summed per-layer latencies within a working budget,
+    exports the chosen mix and times it together with the all-``reference`` model, and when the measurement is
+    over ``budget_ms`` lowers the working budget by the excess (latency is not additive: fusion depends on the
+    neighbours) and searches again; below the fastest mix the table predicts, that mix is tried last.
+
+    The measurement is in the table's units: the mix's time scaled by the reference model's latency in the
+    table over its latency now (timed interleaved with the mix), so a machine busier or idler than when the
+    table was measured moves both alike and does not move the verdict.
 
     Returns:
         ``(choice, rounds)``: the first mix measured within ``budget_ms`` (``{layer: candidate}``, for
         :func:`mixed_config`), and one row per round: ``round``, ``working_ms`` (the search's budget),
-        ``predicted_ms`` (the summed table), ``measured_ms``, ``meets``, ``mix``.
+        ``predicted_ms`` (the summed table), ``measured_ms`` (in the table's units), ``raw_ms`` and
+        ``reference_ms`` (the two times as measured in this round), ``meets``, ``mix``.
 
     Raises:
-        ValueError: when no mix is measured within ``budget_ms`` in ``rounds`` rounds, or the working budget
-            falls below the smallest mix.
+        ValueError: when ``budget_ms`` is below the fastest mix the table predicts, or no mix is measured within
+            it in ``rounds`` rounds.
     """
     if budget_ms <= 0 or not math.isfinite(budget_ms):
         raise ValueError(f"budget_ms={budget_ms} must be a positive number of milliseconds")
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
     model = model.to(device).eval()
+    ref_choice = _fit_choice(model, reference)
+    df = scores.set_index(["layer", "candidate"])
+    missing = [n for n, c in ref_choice.items() if (n, c) not in df.index]
+    if "latency_ms" not in scores.columns or missing:
+        raise ValueError(
+            f"scores need latency_ms and the reference ({reference!r}) row of every layer (missing: {missing}); "
+            "merge latency_table(..., reference=...) into them"
+        )
+    t_ref = float(sum(df.loc[(n, c), "latency_ms"] for n, c in ref_choice.items()))
+    floor = float(scores.groupby("layer")["latency_ms"].min().sum())
     cache = PTQCache(
         model, replace(base, keep=(), keep_bits=None), calib_loader, calib_batches, calib_seed, device
     )
-    df = scores.set_index(["layer", "candidate"])
     working, rows = float(budget_ms), []
     for r in range(rounds):
         try:
             choice = search(scores, budget_bits, budget_ms=working)
         except ValueError as e:
-            raise ValueError(
-                f"no mix is measured within budget_ms={budget_ms:.4g} ms (rounds so far: "
-                f"{[round(x['measured_ms'], 4) for x in rows]}); {e}"
-            ) from None
+            raise ValueError(f"no mix can meet budget_ms={budget_ms:.4g} ms; {e}") from None
         predicted = float(sum(df.loc[(n, c), "latency_ms"] for n, c in choice.items()))
-        measured = time_mixes(cache, {"mix": mixed_config(base, choice)}, inputs, repeats, threads)["mix"]
+        ms = time_mixes(
+            cache,
+            {"mix": mixed_config(base, choice), "reference": mixed_config(base, ref_choice)},
+            inputs,
+            repeats,
+            threads,
+        )
+        measured = ms["mix"] * t_ref / ms["reference"]
         rows.append({"round": r, "working_ms": working, "predicted_ms": predicted, "measured_ms": measured,
-                     "meets": measured <= budget_ms, "mix": ", ".join(f"{n}:{c}" for n, c in choice.items())})  # fmt: skip
+                     "raw_ms": ms["mix"], "reference_ms": ms["reference"], "meets": measured <= budget_ms,
+                     "mix": ", ".join(f"{n}:{c}" for n, c in choice.items())})  # fmt: skip
         if measured <= budget_ms:
             return choice, pd.DataFrame(rows)
-        working = min(working, predicted) - (measured - budget_ms)
+        if working <= floor * (1 + 1e-9):  # the fastest mix the table knows was over the budget too
+            break
+        working = max(min(working, predicted) - (measured - budget_ms), floor)
     raise ValueError(
-        f"no mix was measured within budget_ms={budget_ms:.4g} ms in {rounds} rounds (measured "
-        f"{[round(x['measured_ms'], 4) for x in rows]} ms); raise the budget or rounds"
+        f"no mix was measured within budget_ms={budget_ms:.4g} ms in {len(rows)} rounds (measured "
+        f"{[round(x['measured_ms'], 4) for x in rows]} ms, in the table's units); raise the budget or rounds"
     )
 
 

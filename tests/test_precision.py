@@ -730,9 +730,10 @@ def test_search_budget_errors():
         precision.search(df, budget_ms=fastest - 0.01)
 
 
-def _fake_timer(cost, penalty=0.0):
+def _fake_timer(cost, penalty=0.0, load=1.0):
     """A stand-in for ORT timing: each mix costs the sum of ``cost[candidate]`` over its layers, plus ``penalty``
-    when it holds both an int4 and a float layer (a non-additive term, as fusion is)."""
+    when it holds both an int4 and a float layer (a non-additive term, as fusion is); everything times ``load``
+    (a machine busier than when the table was measured)."""
 
     def time_mixes(cache, configs, inputs, repeats=50, threads=1):
         out = {}
@@ -741,7 +742,7 @@ def _fake_timer(cost, penalty=0.0):
                 precision.precision_label(w) for w, _ in precision.layer_specs(cache.model, cfg).values()
             ]
             extra = penalty if {"int4", "float"} <= set(labels) else 0.0
-            out[name] = sum(cost[c] for c in labels) + extra
+            out[name] = load * (sum(cost[c] for c in labels) + extra)
         return out
 
     return time_mixes
@@ -797,7 +798,11 @@ def test_latency_search_measures_and_tightens(cnn, digits, monkeypatch):
     cache = precision.PTQCache(cnn, base, digits[0])
     measured = timer(cache, {"m": precision.mixed_config(base, choice)}, x)["m"]
     assert measured <= budget and rounds["meets"].iloc[-1] and not rounds["meets"].iloc[:-1].any()
-    assert list(rounds.columns) == ["round", "working_ms", "predicted_ms", "measured_ms", "meets", "mix"]
+    assert list(rounds.columns) == [
+        "round", "working_ms", "predicted_ms", "measured_ms", "raw_ms", "reference_ms", "meets", "mix"
+    ]  # fmt: skip
+    assert rounds["reference_ms"].to_list() == pytest.approx([5 * COST["int8"]] * 2)
+    assert rounds["raw_ms"].to_list() == pytest.approx(rounds["measured_ms"].to_list())
     assert rounds["measured_ms"].iloc[-1] == pytest.approx(measured)
     assert (rounds["predicted_ms"] <= rounds["working_ms"] + 1e-9).all()
     # the first round's pick was measured over the budget (the non-additive term), so there was a second round
@@ -907,6 +912,57 @@ def test_frontier(cnn, digits):
     searched = precision.mixed_config(base, mix)
     run = qat_run(cnn, searched, train, test, steps=3, lr=5e-4, seed=0, calib_batches=8, validate=False)
     assert df[df["method"] == "QAT mixed"]["acc"].iloc[0] == run["acc"]
+
+
+def test_latency_search_measures_against_the_reference_timed_with_it(cnn, digits, monkeypatch):
+    # the table measured on an idle machine, the search on one 1.5x busier: raw times are all over the budget,
+    # but measured against the reference model timed beside them the verdict is the idle machine's
+    base = QATConfig(weight=W8, activation=A8)
+    x = next(iter(digits[1]))[0]
+    monkeypatch.setattr(precision, "time_mixes", _fake_timer(COST, penalty=0.3))
+    table = precision.latency_table(cnn, base, digits[0], x, candidates=("float", "int8", "int4"))
+    scores = table.assign(score=table["candidate"].map({"float": 0.0, "int4": 0.1, "int8": 0.5}))
+    idle_choice, idle = precision.latency_search(cnn, base, scores, 3.65, digits[0], x)
+    monkeypatch.setattr(precision, "time_mixes", _fake_timer(COST, penalty=0.3, load=1.5))
+    busy_choice, busy = precision.latency_search(cnn, base, scores, 3.65, digits[0], x)
+    assert busy_choice == idle_choice
+    assert busy["measured_ms"].to_list() == pytest.approx(idle["measured_ms"].to_list())
+    assert busy["raw_ms"].to_list() == pytest.approx([1.5 * v for v in idle["raw_ms"]])
+    assert busy["reference_ms"].to_list() == pytest.approx([1.5 * 5 * COST["int8"]] * len(busy))
+    with pytest.raises(ValueError, match="the reference \\('int4'\\) row of every layer"):
+        precision.latency_search(cnn, base, scores[scores["candidate"] != "int4"], 3.65, digits[0], x,
+                                 reference="int4")  # fmt: skip
+
+
+def test_latency_search_tries_the_fastest_mix_last(cnn, digits, monkeypatch):
+    # a non-additive cost of 2 ms sends the working budget below the fastest mix the table knows (every layer
+    # int8, 2.5 ms): that mix is tried, and it meets the budget
+    monkeypatch.setattr(precision, "time_mixes", _fake_timer(COST, penalty=2.0))
+    base = QATConfig(weight=W8, activation=A8)
+    x = next(iter(digits[1]))[0]
+    table = precision.latency_table(cnn, base, digits[0], x, candidates=("float", "int8", "int4"))
+    scores = table.assign(score=table["candidate"].map({"float": 0.0, "int4": 0.1, "int8": 0.5}))
+    choice, rounds = precision.latency_search(cnn, base, scores, 3.65, digits[0], x)
+    assert rounds["measured_ms"].to_list() == pytest.approx([5.6, 2.5])
+    assert rounds["working_ms"].iloc[1] == pytest.approx(2.5) and set(choice.values()) == {"int8"}
+    # float layers cheaper than int8 (0.4 ms) but 1 ms more once three or more are float: the fastest mix the
+    # table knows (all float, 2.0 ms) is measured at 3.0, over a 2.2 ms budget, and the search gives up
+    cheap = {**COST, "float": 0.4}
+
+    def timer(cache, configs, inputs, repeats=50, threads=1):
+        out = {}
+        for name, cfg in configs.items():
+            labels = [
+                precision.precision_label(w) for w, _ in precision.layer_specs(cache.model, cfg).values()
+            ]
+            out[name] = sum(cheap[c] for c in labels) + (1.0 if labels.count("float") >= 3 else 0.0)
+        return out
+
+    monkeypatch.setattr(precision, "time_mixes", timer)
+    table = precision.latency_table(cnn, base, digits[0], x, candidates=("float", "int8"))
+    scores = table.assign(score=table["candidate"].map({"float": 0.0, "int8": 0.5}))
+    with pytest.raises(ValueError, match=r"within budget_ms=2.2 ms in 2 rounds \(measured \[3.0, 3.0\]"):
+        precision.latency_search(cnn, base, scores, 2.2, digits[0], x)
 
 
 def test_frontier_latency(cnn, digits, monkeypatch):
