@@ -16,6 +16,8 @@ The checks and what each needs beside the model and the evaluation loader:
 ``bn_training``        BN statistics still updating in QAT, and the training batch size (``train_batch_size``)
 ``bn_settings``        momentum and eps against the float model's (``float_model``; torchao#2980)
 ``learned_scales``     LSQ/PACT scales that collapsed or exploded, against the min-max scale of the same tensor
+``oscillation``        weights flipping back and forth during QAT (``dynamics``: a :func:`qatlab.dynamics.record`
+                       recorder; ``history``: fit's, for the LR against the weight step)
 ``convert_gap``        the converted (BN-folded) model's outputs against the QAT model's in eval
 ``deployment``         an exported file (``onnx_path``): semantic and ONNX Runtime parity, int16 saturation risk
 ``ddp_ranks``          ranks whose weights, ranges or BN statistics differ (``rank_states``: one
@@ -38,6 +40,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -61,7 +64,9 @@ class Thresholds:
     on images scaled by 0.25; running variance 1.04-1.13x the evaluation data's healthy, 2.3x after 50 steps of
     batch-1 QAT; running mean within 0.06 batch std healthy; learned scales 0.79-1.09x the min-max scale after
     LSQ QAT; converted vs QAT outputs identical with folded BN, 1.1e-3 of the output range with simulated BN
-    (per-tensor 3-bit weights: float rounding at a grid tie), 0.20 with BN kept apart (``bn_mode="keep"``).
+    (per-tensor 3-bit weights: float rounding at a grid tie), 0.20 with BN kept apart (``bn_mode="keep"``);
+    weights oscillating (2+ code flips in 2 epochs of W4A4 QAT, 44 steps) at most 7% of a layer at LR 0.005 (LR /
+    weight step 0.06-0.15), 26% at LR 0.05 (0.6-1.5; accuracy 1.1 points lower); LR 0.2 diverged.
 
     Attributes:
         clip_warn, clip_fail: share of a layer input's values beyond the calibrated grid on the loader.
@@ -71,6 +76,8 @@ class Thresholds:
         min_bn_batch: the smallest training batch whose statistics BN may learn from.
         scale_low, scale_high: a learned scale over the min-max scale of its tensor, outside which it has
             collapsed (clips nearly everything) or exploded (uses a few levels of the grid).
+        oscillation_warn, oscillation_fail: the share of a layer's weights whose integer code changed twice or
+            more during the recorded QAT steps (back and forth across a rounding threshold).
         convert_agreement: the smallest argmax agreement of the converted model with the QAT model.
         convert_rel_diff: the largest output difference of the two, relative to the output's range.
     """
@@ -84,6 +91,8 @@ class Thresholds:
     min_bn_batch: int = 16
     scale_low: float = 0.05
     scale_high: float = 4.0
+    oscillation_warn: float = 0.15
+    oscillation_fail: float = 0.35
     convert_agreement: float = 0.99
     convert_rel_diff: float = 1e-2
 
@@ -382,6 +391,37 @@ def check_learned_scales(model: nn.Module, batches: list, device, th: Thresholds
                  f"their tensors ({len(ratios)} quantizers)")]  # fmt: skip
 
 
+def check_oscillation(
+    model: nn.Module, dynamics: Any, history: pd.DataFrame | None, th: Thresholds
+) -> list[dict[str, str]]:
+    """Weights flipping back and forth across a rounding threshold during QAT (Nagel et al. 2022), from a
+    :func:`qatlab.dynamics.record` recorder (or its ``oscillation()`` frame); with ``fit``'s history, the
+    largest LR against the layer's weight grid step."""
+    osc = dynamics.oscillation() if hasattr(dynamics, "oscillation") else pd.DataFrame(dynamics)
+    if not {"layer", "steps", "oscillating"} <= set(osc.columns):
+        raise ValueError(
+            "dynamics must be a qatlab.dynamics recorder or its oscillation() frame (layer, steps, oscillating)"
+        )
+    osc = osc[osc["steps"] > 1]
+    if not len(osc):
+        return [
+            _row("oscillation", "ok", "no weight flips recorded (fewer than two recorded training steps)")
+        ]
+    worst = osc.loc[osc["oscillating"].idxmax()]
+    name, share = str(worst["layer"]), float(worst["oscillating"])
+    text = f"{_pct(share)} of {name}'s weights flipped back and forth (2+ code changes) in {int(worst['steps'])} steps"
+    if history is not None and "lr" in history.columns and len(history):
+        q = dict(model.named_modules()).get(name)
+        if isinstance(q, FakeQuantizer) and q.spec.stored_scale:
+            step = float(q.scale.detach().abs().median())
+            lr = float(history["lr"].max())
+            text += f"; the largest LR ({lr:g}) is {lr / max(step, 1e-12):.2f}x its median weight step"
+    status = _grade(share, th.oscillation_warn, th.oscillation_fail)
+    fix = ("lower the QAT learning rate (start near 1% of the float LR, cosine decay), or freeze weights that "
+           "keep oscillating (Nagel et al. 2022); a finer grid (more bits, per-channel scales) also helps")  # fmt: skip
+    return [_row("oscillation", status, text, fix, name.rsplit(".", 1)[0])]
+
+
 def _outputs(model: nn.Module, batches: list, device) -> Tensor:
     outs = []
     with torch.no_grad():
@@ -513,6 +553,8 @@ def diagnose(
     train_batch_size: int | None = None,
     rank_states: Sequence[Mapping[str, Tensor]] | None = None,
     seeds: Mapping[str, Sequence[float]] | None = None,
+    dynamics: Any = None,
+    history: pd.DataFrame | None = None,
     batches: int = 4,
     device: str | torch.device = "cpu",
     thresholds: Thresholds = THRESHOLDS,
@@ -527,6 +569,8 @@ def diagnose(
         train_batch_size: the batch size QAT trained with (sharpens ``bn_training``).
         rank_states: :func:`qatlab.distributed.rank_state` of every DDP rank (unlocks ``ddp_ranks``).
         seeds: ``{"QAT": [acc per seed], "PTQ": [acc per seed]}`` (unlocks ``noise_floor``).
+        dynamics: a :func:`qatlab.dynamics.record` recorder of the QAT run (unlocks ``oscillation``).
+        history: ``fit``'s history of that run (adds the LR against the weight step to ``oscillation``).
 
     Raises:
         ValueError: a float model (no quantizers), an empty loader, or a batch the model cannot run.
@@ -558,6 +602,8 @@ def diagnose(
     if float_model is not None:
         rows += check_bn_settings(model, float_model)
     rows += check_learned_scales(work, data, device, th)
+    if dynamics is not None:
+        rows += check_oscillation(model, dynamics, history, th)
     rows += check_convert_gap(work, data, device, th)
     if onnx_path is not None:
         rows += check_deployment(work, onnx_path, data)

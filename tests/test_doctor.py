@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import qatlab
-from qatlab import QATConfig, QuantSpec, doctor
+from qatlab import QATConfig, QuantSpec, doctor, dynamics
 from qatlab.config import lab_config
 from qatlab.data import digits_loaders
 from qatlab.distributed import rank_state
@@ -274,3 +274,27 @@ def test_noise_floor():
     assert _status_of(noise) == "warn" and "more seeds" in noise[0]["fix"]
     worse = doctor.check_noise_floor({"QAT": [0.80, 0.81, 0.82], "PTQ": [0.85, 0.86, 0.87]})
     assert _status_of(worse) == "fail"
+
+
+def test_oscillation_from_a_recorder(cnn, digits):
+    # W4A4 QAT at 10x the lab's QAT LR: a quarter of the first conv's weights flip back and forth
+    def run(lr):
+        qat = qatlab.calibrate(qatlab.prepare_qat(cnn, W4A4), digits[0])
+        with dynamics.record(qat) as rec:
+            hist = qatlab.fit(qat, digits[0], epochs=2, lr=lr, freeze_bn_epoch=1, progress=False)
+        return qat.eval(), rec, hist
+
+    bad, rec, hist = run(0.05)
+    report = doctor.diagnose(bad, digits[1], dynamics=rec, history=hist, train_batch_size=64)
+    row = _only(report, "oscillation", status="warn")
+    share = float(row["evidence"].split("%")[0]) / 100
+    assert doctor.THRESHOLDS.oscillation_warn < share <= doctor.THRESHOLDS.oscillation_fail
+    assert row["layer"] in {"features.0", "features.3", "features.6", "features.9", "classifier"}
+    assert "its median weight step" in row["evidence"] and "learning rate" in row["fix"]
+    frame = doctor.check_oscillation(bad, rec.oscillation(), None, doctor.THRESHOLDS)
+    assert frame[0]["status"] == "warn" and frame[0]["layer"] == row["layer"]
+    good, rec, hist = run(0.005)  # the fix named: a lower LR
+    assert _status(doctor.diagnose(good, digits[1], dynamics=rec, history=hist))["oscillation"] == "ok"
+    assert _acc(good, digits[1]) > _acc(bad, digits[1])
+    with pytest.raises(ValueError, match="dynamics must be a qatlab.dynamics recorder"):
+        doctor.diagnose(good, digits[1], dynamics={"x": [1]})
