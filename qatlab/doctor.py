@@ -8,22 +8,24 @@ its train/eval flags).
 
 The checks and what each needs beside the model and the evaluation loader:
 
-=====================  ===========================================================================================
-``mode``               BatchNorm left in train mode in an eval model (pytorch PR #115715), a model in train mode
-``activation_ranges``  the share of each layer's input values the calibrated range clips on ``loader`` (ranges
-                       calibrated on differently preprocessed data, or on too few batches)
-``bn_statistics``      running statistics against the statistics of ``loader``'s batches, per BatchNorm
-``bn_training``        BN statistics still updating in QAT, and the training batch size (``train_batch_size``)
-``bn_settings``        momentum and eps against the float model's (``float_model``; torchao#2980)
-``learned_scales``     LSQ/PACT scales that collapsed or exploded, against the min-max scale of the same tensor
-``oscillation``        weights flipping back and forth during QAT (``dynamics``: a :func:`qatlab.dynamics.record`
-                       recorder; ``history``: fit's, for the LR against the weight step)
-``convert_gap``        the converted (BN-folded) model's outputs against the QAT model's in eval
-``deployment``         an exported file (``onnx_path``): semantic and ONNX Runtime parity, int16 saturation risk
-``ddp_ranks``          ranks whose weights, ranges or BN statistics differ (``rank_states``: one
-                       :func:`qatlab.distributed.rank_state` per rank; pytorch#85627)
-``noise_floor``        is QAT's gain over PTQ larger than the seed spread (``seeds``: accuracies per arm)
-=====================  ===========================================================================================
+=======================  ===========================================================================================
+``mode``                 BatchNorm left in train mode in an eval model (pytorch PR #115715), a model in train mode
+``activation_ranges``    the share of each layer's input values the calibrated range clips on ``loader`` (ranges
+                         calibrated on differently preprocessed data, or on too few batches)
+``bn_statistics``        running statistics against the statistics of ``loader``'s batches, per BatchNorm
+``bn_training``          BN statistics still updating in QAT, and the training batch size (``train_batch_size``)
+``bn_settings``          momentum and eps against the float model's (``float_model``; torchao#2980)
+``learned_scales``       LSQ/PACT scales that collapsed or exploded, against the min-max scale of the same tensor
+``oscillation``          weights flipping back and forth during QAT (``dynamics``: a :func:`qatlab.dynamics.record`
+                         recorder; ``history``: fit's, for the LR against the weight step)
+``responsible_layers``   the loss fake quant adds on ``loader``, and the layers it comes from: one layer at a time
+                         in float, or a :func:`qatlab.precision.sensitivity` frame (``sensitivity``)
+``convert_gap``          the converted (BN-folded) model's outputs against the QAT model's in eval
+``deployment``           an exported file (``onnx_path``): semantic and ONNX Runtime parity, int16 saturation risk
+``ddp_ranks``            ranks whose weights, ranges or BN statistics differ (``rank_states``: one
+                         :func:`qatlab.distributed.rank_state` per rank; pytorch#85627)
+``noise_floor``          is QAT's gain over PTQ larger than the seed spread (``seeds``: accuracies per arm)
+=======================  ===========================================================================================
 
 The thresholds (:class:`Thresholds`) come from the lab's healthy models against planted faults, one for every
 check (``tests/test_doctor.py``).
@@ -66,7 +68,9 @@ class Thresholds:
     LSQ QAT; converted vs QAT outputs identical with folded BN, 1.1e-3 of the output range with simulated BN
     (per-tensor 3-bit weights: float rounding at a grid tie), 0.20 with BN kept apart (``bn_mode="keep"``);
     weights oscillating (2+ code flips in 2 epochs of W4A4 QAT, 44 steps) at most 7% of a layer at LR 0.005 (LR /
-    weight step 0.06-0.15), 26% at LR 0.05 (0.6-1.5; accuracy 1.1 points lower); LR 0.2 diverged.
+    weight step 0.06-0.15), 26-30% at LR 0.05-0.07 (0.6-1.5; accuracy 1.1 points lower), 43% at 0.1, 72% at
+    0.15; quantization adding -0.002 to 0.001 nats of cross-entropy per sample (W4A4 PTQ, LSQ QAT), 0.044 at W3A3
+    PTQ (1.2 points), 0.19-0.70 with one layer's weights at 2 bits (3.5-21 points).
 
     Attributes:
         clip_warn, clip_fail: share of a layer input's values beyond the calibrated grid on the loader.
@@ -80,6 +84,9 @@ class Thresholds:
             more during the recorded QAT steps (back and forth across a rounding threshold).
         convert_agreement: the smallest argmax agreement of the converted model with the QAT model.
         convert_rel_diff: the largest output difference of the two, relative to the output's range.
+        blame_warn: the loss quantization adds (nats per sample: cross-entropy, or KL divergence from the
+            fake-quant-off outputs without labels), above which the layers responsible are named (a ``warn``:
+            it says where the loss is; the other checks say why).
     """
 
     clip_warn: float = 0.01
@@ -95,6 +102,7 @@ class Thresholds:
     oscillation_fail: float = 0.35
     convert_agreement: float = 0.99
     convert_rel_diff: float = 1e-2
+    blame_warn: float = 0.05
 
 
 THRESHOLDS = Thresholds()
@@ -422,6 +430,110 @@ def check_oscillation(
     return [_row("oscillation", status, text, fix, name.rsplit(".", 1)[0])]
 
 
+def _labels(batch: Any) -> Tensor | None:
+    if isinstance(batch, dict):
+        return batch.get("labels", batch.get("label"))
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and torch.is_tensor(batch[1]):
+        return batch[1]
+    return None
+
+
+def _loss(
+    model: nn.Module, batches: list, device, reference: list[Tensor] | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy per sample and accuracy against the batches' labels; without labels, the KL divergence
+    from ``reference`` (the same model's outputs with fake quant off) and the argmax agreement with it."""
+    loss, hits, n = 0.0, 0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            y = run_batch(model, batch, device)
+            y = (y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)).float()
+            t = _labels(batch)
+            if t is not None:
+                t = t.to(y.device)
+                loss += float(nn.functional.cross_entropy(y, t, reduction="sum"))
+            else:
+                ref = reference[i].to(y.device)
+                t = ref.argmax(-1)
+                loss += float(
+                    nn.functional.kl_div(
+                        y.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum"
+                    )
+                )
+            hits += int((y.argmax(-1) == t).sum())
+            n += len(t)
+    return loss / n, hits / n
+
+
+def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight_quant", None), FakeQuantizer)
+        or isinstance(getattr(m, "input_quant", None), FakeQuantizer)
+    }
+
+
+def _sensitivity_ranking(frame: pd.DataFrame) -> tuple[str, pd.Series]:
+    for col, sign in (("acc_drop", 1), ("loss_increase", 1), ("hessian", 1), ("fisher", 1), ("sqnr_db", -1)):
+        if "layer" in frame.columns and col in frame.columns and frame[col].notna().any():
+            return col, (sign * frame[col]).groupby(frame["layer"]).max().sort_values(ascending=False)
+    raise ValueError(
+        "sensitivity must be a qatlab.precision.sensitivity frame: a 'layer' column and one of acc_drop, "
+        f"loss_increase, hessian, fisher, sqnr_db; got columns {list(frame.columns)}"
+    )
+
+
+def check_responsible_layers(
+    model: nn.Module, batches: list, device, th: Thresholds, sensitivity: pd.DataFrame | None = None
+) -> list[dict[str, str]]:
+    """Which layers the quantization loss comes from: the loss of the model as it is against the same model with
+    fake quant off, and, one layer at a time, how much of that gap computing the layer in float recovers (or,
+    given a :func:`qatlab.precision.sensitivity` frame, its ranking). Loss: cross-entropy per sample against the
+    batches' labels; without labels, the KL divergence from the fake-quant-off outputs."""
+    work = copy.deepcopy(model).eval()
+    enable_fake_quant(work, False)
+    reference = None
+    if any(_labels(b) is None for b in batches):
+        reference = []
+        with torch.no_grad():
+            for batch in batches:
+                y = run_batch(work, batch, device)
+                reference.append((y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)).float())
+    loss_f, acc_f = _loss(work, batches, device, reference)
+    enable_fake_quant(work, True)
+    loss_q, acc_q = _loss(work, batches, device, reference)
+    kind = "cross-entropy" if reference is None else "KL divergence from the float outputs"
+    gap = loss_q - loss_f
+    text = (f"quantization adds {gap:+.3f} nats of {kind} per sample ({loss_f:.3f} with fake quant off, "
+            f"{loss_q:.3f} on); accuracy {_pct(acc_q)} vs {_pct(acc_f)}")  # fmt: skip
+    status = "warn" if gap > th.blame_warn else "ok"
+    if status == "ok" and sensitivity is None:
+        return [_row("responsible_layers", "ok", text + ": no layer to blame")]
+    if sensitivity is not None:
+        col, ranking = _sensitivity_ranking(sensitivity)
+        top = list(ranking.index[:3])
+        text += (
+            "; precision.sensitivity ranks by "
+            + col
+            + ": "
+            + ", ".join(f"{n} ({ranking[n]:.3g})" for n in top)
+        )
+    else:
+        layers = _quant_layers(work)
+        recovered = {}
+        for name, layer in layers.items():
+            enable_fake_quant(layer, False)
+            recovered[name] = loss_q - _loss(work, batches, device, reference)[0]
+            enable_fake_quant(layer, True)
+        top = sorted(recovered, key=recovered.get, reverse=True)[:3]
+        share = ", ".join(f"{n} {100 * recovered[n] / gap:.0f}%" for n in top) if gap > 0 else ""
+        text += f"; computing one layer in float recovers, of that gap: {share}"
+    fix = (f"keep {top[0]} at a higher precision (QATConfig(overrides={{{top[0]!r}: None}}) or more bits; "
+           "qatlab.precision.fallback finds the smallest set), or QAT if this is PTQ")  # fmt: skip
+    return [_row("responsible_layers", status, text, fix, top[0])]
+
+
 def _outputs(model: nn.Module, batches: list, device) -> Tensor:
     outs = []
     with torch.no_grad():
@@ -512,13 +624,21 @@ def check_ddp_ranks(rank_states: Sequence[Mapping[str, Tensor]]) -> list[dict[st
                  name.rsplit(".", 2)[0])]  # fmt: skip
 
 
+def _check_seeds(seeds: Mapping[str, Sequence[float]]) -> None:
+    if not isinstance(seeds, Mapping) or not {"QAT", "PTQ"} <= set(seeds):
+        got = list(seeds) if isinstance(seeds, Mapping) else type(seeds).__name__
+        raise ValueError(f"seeds needs 'QAT' and 'PTQ' accuracies (same seeds, same order); got {got}")
+    if len(seeds["QAT"]) != len(seeds["PTQ"]) or not len(seeds["QAT"]):
+        raise ValueError(
+            f"seeds['QAT'] ({len(seeds['QAT'])}) and seeds['PTQ'] ({len(seeds['PTQ'])}) need one accuracy per "
+            "seed each, the same seeds in the same order"
+        )
+
+
 def check_noise_floor(seeds: Mapping[str, Sequence[float]]) -> list[dict[str, str]]:
     from qatlab.experiments import compare_arms
 
-    if not {"QAT", "PTQ"} <= set(seeds):
-        raise ValueError(
-            f"seeds needs 'QAT' and 'PTQ' accuracies (same seeds, same order); got {list(seeds)}"
-        )
+    _check_seeds(seeds)
     v = compare_arms(list(seeds["QAT"]), list(seeds["PTQ"]))
     text = f"QAT - PTQ = {100 * v['mean_diff']:+.2f}"
     text += (
@@ -555,6 +675,7 @@ def diagnose(
     seeds: Mapping[str, Sequence[float]] | None = None,
     dynamics: Any = None,
     history: pd.DataFrame | None = None,
+    sensitivity: pd.DataFrame | None = None,
     batches: int = 4,
     device: str | torch.device = "cpu",
     thresholds: Thresholds = THRESHOLDS,
@@ -571,6 +692,8 @@ def diagnose(
         seeds: ``{"QAT": [acc per seed], "PTQ": [acc per seed]}`` (unlocks ``noise_floor``).
         dynamics: a :func:`qatlab.dynamics.record` recorder of the QAT run (unlocks ``oscillation``).
         history: ``fit``'s history of that run (adds the LR against the weight step to ``oscillation``).
+        sensitivity: a :func:`qatlab.precision.sensitivity` frame (``responsible_layers`` ranks by it instead of
+            measuring one layer at a time).
 
     Raises:
         ValueError: a float model (no quantizers), an empty loader, or a batch the model cannot run.
@@ -584,6 +707,8 @@ def diagnose(
         )
     if batches < 1:
         raise ValueError(f"batches={batches} must be >= 1")
+    if seeds is not None:
+        _check_seeds(seeds)
     data = _batches(loader, batches)
     if not data:
         raise ValueError("loader has no batches (an empty data set?); pass a loader over the evaluation data")
@@ -604,6 +729,7 @@ def diagnose(
     rows += check_learned_scales(work, data, device, th)
     if dynamics is not None:
         rows += check_oscillation(model, dynamics, history, th)
+    rows += check_responsible_layers(work, data, device, th, sensitivity)
     rows += check_convert_gap(work, data, device, th)
     if onnx_path is not None:
         rows += check_deployment(work, onnx_path, data)

@@ -88,7 +88,7 @@ def test_healthy_models_get_no_fail(which, request, cnn, digits):
     assert list(report.columns) == ["check", "status", "evidence", "fix", "layer"]
     assert set(report["status"]) <= {"ok"}, report.to_string()
     assert list(report["check"]) == ["mode", "activation_ranges", "bn_statistics", "bn_training", "bn_settings",
-                                     "learned_scales", "convert_gap"]  # fmt: skip
+                                     "learned_scales", "responsible_layers", "convert_gap"]  # fmt: skip
     assert (report["fix"] == "").all()
 
 
@@ -122,6 +122,10 @@ def test_errors(cnn, healthy, digits):
         doctor.diagnose("model.pt", digits[1])
     with pytest.raises(ValueError, match="seeds needs 'QAT' and 'PTQ'"):
         doctor.diagnose(healthy, digits[1], seeds={"QAT": [0.9]})
+    with pytest.raises(ValueError, match=r"seeds\['QAT'\] \(2\) and seeds\['PTQ'\] \(1\) need one accuracy"):
+        doctor.diagnose(healthy, digits[1], seeds={"QAT": [0.9, 0.8], "PTQ": [0.9]})
+    with pytest.raises(ValueError, match="sensitivity must be a qatlab.precision.sensitivity frame"):
+        doctor.diagnose(healthy, digits[1], sensitivity=pd.DataFrame({"layer": ["features.0"], "x": [1.0]}))
 
 
 # --------------------------------------------------------------------------------------------- planted faults
@@ -276,25 +280,80 @@ def test_noise_floor():
     assert _status_of(worse) == "fail"
 
 
-def test_oscillation_from_a_recorder(cnn, digits):
-    # W4A4 QAT at 10x the lab's QAT LR: a quarter of the first conv's weights flip back and forth
-    def run(lr):
-        qat = qatlab.calibrate(qatlab.prepare_qat(cnn, W4A4), digits[0])
-        with dynamics.record(qat) as rec:
-            hist = qatlab.fit(qat, digits[0], epochs=2, lr=lr, freeze_bn_epoch=1, progress=False)
-        return qat.eval(), rec, hist
+def _qat_recorded(cnn, digits, lr):
+    qat = qatlab.calibrate(qatlab.prepare_qat(cnn, W4A4), digits[0])
+    with dynamics.record(qat) as rec:
+        hist = qatlab.fit(qat, digits[0], epochs=2, lr=lr, freeze_bn_epoch=1, progress=False)
+    return qat.eval(), rec, hist
 
-    bad, rec, hist = run(0.05)
+
+@pytest.fixture(scope="module")
+def calm(cnn, digits):
+    """W4A4 QAT at the lab's QAT LR (0.005), recorded: at most 7% of a layer's weights oscillate."""
+    return _qat_recorded(cnn, digits, 0.005)
+
+
+@pytest.mark.parametrize("lr, status", [(0.05, "warn"), (0.1, "fail")])
+def test_oscillation_from_a_recorder(cnn, digits, calm, lr, status):
+    # W4A4 QAT at 10x and 20x the lab's QAT LR: measured 26% and 43% of the first conv's weights flip back and forth
+    bad, rec, hist = _qat_recorded(cnn, digits, lr)
     report = doctor.diagnose(bad, digits[1], dynamics=rec, history=hist, train_batch_size=64)
-    row = _only(report, "oscillation", status="warn")
+    if status == "fail":
+        # at 20x the weights also move far under the BN statistics frozen after epoch 1: measured 2.05x off on
+        # features.9, a second, true finding (re-estimating BN fixes that one), so it is left out of the "only"
+        assert _status(report)["bn_statistics"] in ("ok", "fail")
+        report = report[report["check"] != "bn_statistics"]
+    row = _only(report, "oscillation", status=status)
     share = float(row["evidence"].split("%")[0]) / 100
-    assert doctor.THRESHOLDS.oscillation_warn < share <= doctor.THRESHOLDS.oscillation_fail
+    th = doctor.THRESHOLDS
+    assert (
+        th.oscillation_warn < share <= th.oscillation_fail
+        if status == "warn"
+        else share > th.oscillation_fail
+    )
     assert row["layer"] in {"features.0", "features.3", "features.6", "features.9", "classifier"}
     assert "its median weight step" in row["evidence"] and "learning rate" in row["fix"]
     frame = doctor.check_oscillation(bad, rec.oscillation(), None, doctor.THRESHOLDS)
-    assert frame[0]["status"] == "warn" and frame[0]["layer"] == row["layer"]
-    good, rec, hist = run(0.005)  # the fix named: a lower LR
+    assert frame[0]["status"] == status and frame[0]["layer"] == row["layer"]
+    good, rec, hist = calm  # the fix named: a lower LR
     assert _status(doctor.diagnose(good, digits[1], dynamics=rec, history=hist))["oscillation"] == "ok"
     assert _acc(good, digits[1]) > _acc(bad, digits[1])
     with pytest.raises(ValueError, match="dynamics must be a qatlab.dynamics recorder"):
         doctor.diagnose(good, digits[1], dynamics={"x": [1]})
+
+
+def _two_bit(layer: str) -> QATConfig:
+    w8a8 = QATConfig(weight=QuantSpec(bits=8, symmetric=True, per_channel=True), activation=QuantSpec(bits=8))
+    return dataclasses.replace(
+        w8a8, overrides={layer: (QuantSpec(bits=2, symmetric=True), QuantSpec(bits=8))}
+    )
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_responsible_layers_names_the_two_bit_layer(cnn, digits, labels):
+    # W8A8 with one layer's weights at 2 bits (a typo in an override): measured +0.67 nats, 14.5 points lost
+    model = qatlab.ptq(cnn, _two_bit("features.3"), digits[0])
+    loader = digits[1] if labels else DataLoader(TensorDataset(digits[1].dataset.tensors[0]), batch_size=64)
+    row = _only(doctor.diagnose(model, loader), "responsible_layers", status="warn")
+    assert row["layer"] == "features.3" and "features.3" in row["fix"]
+    assert ("cross-entropy" if labels else "KL divergence from the float outputs") in row["evidence"]
+    recovered = int(row["evidence"].split("of that gap: features.3 ")[1].split("%")[0])
+    assert 90 <= recovered <= 110  # that layer alone carries the loss
+    added = float(row["evidence"].split("quantization adds ")[1].split(" nats")[0])
+    assert added > doctor.THRESHOLDS.blame_warn
+    # the fix named: that layer at a higher precision (here the others' 8 bits)
+    fixed = qatlab.ptq(cnn, dataclasses.replace(_two_bit("features.3"), overrides={}), digits[0])
+    assert _status(doctor.diagnose(fixed, loader))["responsible_layers"] == "ok"
+    assert _acc(fixed, digits[1]) > _acc(model, digits[1]) + 0.05
+
+
+def test_responsible_layers_from_a_sensitivity_frame(healthy, digits):
+    scores = pd.DataFrame({"candidate": ["W2A8"] * 3 + ["W4A4"] * 3, "layer": ["features.0", "features.6", "classifier"] * 2,
+                           "acc_drop": [0.05, 0.20, 0.01, 0.01, 0.02, 0.30]})  # fmt: skip
+    rows = doctor.check_responsible_layers(healthy, [next(iter(digits[1]))], "cpu", doctor.THRESHOLDS, scores)
+    assert rows[0]["status"] == "ok"  # W4A4 PTQ adds little loss; the ranking is reported anyway
+    assert "ranks by acc_drop: classifier (0.3), features.6 (0.2), features.0 (0.05)" in rows[0]["evidence"]
+    assert rows[0]["layer"] == "classifier"
+    sqnr = scores.drop(columns="acc_drop").assign(sqnr_db=[10.0, 3.0, 20.0, 12.0, 15.0, 30.0])
+    rows = doctor.check_responsible_layers(healthy, [next(iter(digits[1]))], "cpu", doctor.THRESHOLDS, sqnr)
+    assert "ranks by sqnr_db: features.6 (-3), features.0 (-10), classifier (-20)" in rows[0]["evidence"]
