@@ -42,7 +42,7 @@ from qatlab.export import export_onnx, verify_onnx
 from qatlab.files import save_atomic, write_atomic
 from qatlab.models import build_model
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
-from qatlab.prepare import prepare_qat
+from qatlab.prepare import freeze_bn_stats, prepare_qat
 from qatlab.train import evaluate
 
 
@@ -189,6 +189,42 @@ def _datasets(cfg: RunConfig):
     return name, train.dataset, test.dataset
 
 
+def _float_model(cfg: RunConfig, dataset: str) -> nn.Module:
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "mlp" and dataset == "digits":
+        kwargs.setdefault("in_features", 64)
+    model = build_model(cfg.model, **kwargs)
+    if cfg.float_checkpoint:
+        model.load_state_dict(torch.load(cfg.float_checkpoint, map_location="cpu", weights_only=True))
+    return model
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A finished run's directory, read back: ``config`` (the :class:`RunConfig`), ``model`` (the QAT model in
+    eval mode, BN statistics frozen if the run froze them), ``float_model``, ``test`` (its evaluation loader),
+    ``result`` (``result.json``) and ``rank_states`` (one :func:`rank_state` per rank; None for one process)."""
+    out = Path(run_dir)
+    missing = [f for f in ("run.json", "qat_model.pt", "result.json") if not (out / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{out} lacks {', '.join(missing)}: not a finished qatlab.distributed run (it writes run.json, and "
+            "qat_model.pt and result.json when it ends)"
+        )
+    cfg = RunConfig.from_json(out / "run.json")
+    dataset, _, test_set = _datasets(cfg)
+    float_model = _float_model(cfg, dataset).eval()
+    model = prepare_qat(float_model, QATConfig.from_dict(cfg.qat))
+    model.load_state_dict(torch.load(out / "qat_model.pt", map_location="cpu", weights_only=True))
+    if cfg.freeze_bn_epoch is not None and cfg.freeze_bn_epoch < cfg.epochs:
+        freeze_bn_stats(model)
+    states = out / "rank_states.pt"
+    return {
+        "config": cfg, "model": model.eval(), "float_model": float_model,
+        "test": DataLoader(test_set, batch_size=256), "result": json.loads((out / "result.json").read_text()),
+        "rank_states": torch.load(states, weights_only=True) if states.exists() else None,
+    }  # fmt: skip
+
+
 def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Run QAT with ``cfg`` on every rank of this job (or alone); rank 0 returns the result, others None.
 
@@ -196,7 +232,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     observers, calibrate on each rank's shard (synced: the ranges of the union), then wrap in DDP and
     :func:`qatlab.fit` with a ``DistributedSampler`` (``set_epoch`` every epoch). After every epoch rank 0
     saves ``checkpoint.pt`` (QAT state dict + history so far) and ``history.csv``. At the end every rank's
-    parameters and ranges are gathered and compared, and rank 0 evaluates, exports and writes ``result.json``.
+    parameters and ranges are gathered and compared (``rank_states.pt``), and rank 0 evaluates, exports and writes
+    ``result.json``. :func:`load_run` reads the directory back; ``qatlab doctor DIR`` diagnoses it.
     """
     out = Path(out_dir)
     rank, world, local = _setup()
@@ -212,12 +249,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     test = DataLoader(test_set, batch_size=256)
 
     torch.manual_seed(cfg.seed)
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "mlp" and dataset == "digits":
-        kwargs.setdefault("in_features", 64)
-    model = build_model(cfg.model, **kwargs)
-    if cfg.float_checkpoint:
-        model.load_state_dict(torch.load(cfg.float_checkpoint, map_location="cpu", weights_only=True))
+    model = _float_model(cfg, dataset)
     float_acc = evaluate(model.to(device), test, device=device)["acc"] if rank == 0 else float("nan")
 
     def prepare(m: nn.Module, config: QATConfig) -> nn.Module:
@@ -276,6 +308,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
             "config": asdict(cfg),
         }  # fmt: skip
         save_atomic(qat.state_dict(), out / "qat_model.pt")
+        if world > 1:  # every rank's weights, ranges and BN statistics, for qatlab.doctor's ddp_ranks check
+            save_atomic(states, out / "rank_states.pt")
         if cfg.export:
             result["onnx"] = _export(qat, test, out / "model.onnx")
         write_atomic(out / "result.json", json.dumps(result, indent=1))

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -738,3 +739,89 @@ def diagnose(
     if seeds is not None:
         rows += check_noise_floor(seeds)
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+# ------------------------------------------------------------------------------------------- saved runs, CLI
+
+
+def _diagnose_sweep(out: Path) -> pd.DataFrame:
+    import json
+
+    groups: dict[str, dict[str, list[float]]] = {}
+    for f in sorted((out / "runs").glob("*.json")):
+        rec = json.loads(f.read_text())
+        m = rec["metrics"]
+        qat = m.get("qat_acc", m.get("acc"))
+        if "ptq_acc" not in m or qat is None:
+            raise ValueError(
+                f"{f.name}: the sweep's runs hold metrics {sorted(m)}; the doctor needs 'ptq_acc' and 'qat_acc' "
+                "per run (as qatlab.ablate.digits_qat_run returns) to compare QAT with PTQ over seeds"
+            )
+        label = ", ".join(f"{k}={v}" for k, v in sorted(rec["config"].items())) or "(no config)"
+        arms = groups.setdefault(label, {"QAT": [], "PTQ": []})
+        arms["QAT"].append(float(qat))
+        arms["PTQ"].append(float(m["ptq_acc"]))
+    rows = []
+    for label, arms in groups.items():
+        for row in check_noise_floor(arms):
+            rows.append({**row, "layer": label})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def diagnose_run(run_dir: str | Path, batches: int = 4, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """:func:`diagnose` a saved run: a :mod:`qatlab.distributed` run directory (one process, i.e. ``fit``, or
+    several: ``run.json``, ``qat_model.pt``, ``result.json``, ``rank_states.pt``) gets every check its files
+    allow (the float model, the export, the rank states, the training batch per rank, QAT vs PTQ of the one
+    seed); a :mod:`qatlab.ablate` sweep (``runs/*.json``) gets the noise floor of QAT over PTQ per config, its
+    config in the ``layer`` column."""
+    out = Path(run_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run_dir {str(out)!r} is not a directory")
+    if (out / "run.json").exists():
+        from qatlab.distributed import load_run
+
+        run = load_run(out)
+        cfg, result = run["config"], run["result"]
+        onnx = Path(result.get("onnx", {}).get("path", out / "model.onnx"))
+        return diagnose(
+            run["model"], run["test"], float_model=run["float_model"],
+            onnx_path=onnx if onnx.exists() else None,
+            train_batch_size=cfg.global_batch // int(result.get("world_size", 1)),
+            rank_states=run["rank_states"],
+            seeds={"QAT": [result["acc"]], "PTQ": [result["ptq_acc"]]},
+            history=None, batches=batches, device=device,
+        )  # fmt: skip
+    if any((out / "runs").glob("*.json")):
+        return _diagnose_sweep(out)
+    raise FileNotFoundError(
+        f"{out} holds no saved run: expected run.json and qat_model.pt (qatlab.distributed, 1 or more processes) "
+        "or runs/*.json (qatlab.ablate)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``qatlab doctor RUN_DIR [--batches N] [--device D] [--csv FILE]``: print the table; exit 1 on a fail."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="qatlab doctor", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "run_dir", type=Path, help="a qatlab.distributed run directory or a qatlab.ablate output"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=4, help="evaluation batches the checks use (default 4)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--csv", type=Path, help="also write the table here (atomically)")
+    args = parser.parse_args(argv)
+    try:
+        report = diagnose_run(args.run_dir, batches=args.batches, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"qatlab doctor: {exc}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.max_colwidth", 160, "display.width", 250):
+        print(report.to_string(index=False))
+    if args.csv is not None:
+        from qatlab.files import write_atomic
+
+        write_atomic(args.csv, report.to_csv(index=False))
+    return 1 if (report["status"] == "fail").any() else 0

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 import qatlab
-from qatlab import QATConfig, QuantSpec
-from qatlab.distributed import RunConfig, launch, rank_differences, sync_observers
+from qatlab import QATConfig, QuantSpec, doctor
+from qatlab.distributed import RunConfig, launch, load_run, rank_differences, sync_observers
 from qatlab.models import MLP
 
 HERE = Path(__file__).parent
@@ -66,6 +66,20 @@ def _cfg(**changes) -> RunConfig:
 def test_two_ranks_equal_one_process_at_the_same_global_batch(tmp_path):
     two = launch(_cfg(), tmp_path / "two", nproc=2, echo=False)
     one = launch(_cfg(export=False), tmp_path / "one", nproc=1, echo=False)
+    # the doctor on both directories: the synced ranks agree, the export holds, the reloaded model is the run's
+    for name, n_ranks in (("two", 2), ("one", 1)):
+        run = load_run(tmp_path / name)
+        assert qatlab.evaluate(run["model"], run["test"])["acc"] == run["result"]["acc"]
+        report = doctor.diagnose_run(tmp_path / name).set_index("check")
+        assert "fail" not in set(report["status"]), report.to_string()
+        assert ("ddp_ranks" in report.index) == (n_ranks == 2) and ("deployment" in report.index) == (
+            n_ranks == 2
+        )
+        assert "one seed" in report.loc["noise_floor", "evidence"]
+    assert (
+        "2 ranks hold identical"
+        in doctor.diagnose_run(tmp_path / "two").set_index("check").loc["ddp_ranks", "evidence"]
+    )
     assert two["world_size"] == 2 and two["backend"] == "gloo" and one["world_size"] == 1
     assert two["rank_differences"] == {"param": 0.0, "range": 0.0, "qparams": 0.0, "bn": 0.0}
     a = torch.load(tmp_path / "two" / "qat_model.pt", weights_only=True)
@@ -89,6 +103,14 @@ def test_unsynced_ranks_end_with_different_ranges(tmp_path):
     r = launch(_cfg(sync_observers=False, export=False, epochs=1), tmp_path / "nosync", nproc=2, echo=False)
     d = r["rank_differences"]
     assert d["range"] > 0 and d["param"] == 0.0
+    # the doctor reads the run directory back and names the observer that differs (pytorch#85627)
+    report = doctor.diagnose_run(tmp_path / "nosync")
+    row = report.set_index("check").loc["ddp_ranks"]
+    assert row["status"] == "fail" and "observer ranges" in row["evidence"] and "max_val" in row["evidence"]
+    assert "sync_observers" in row["fix"]
+    assert "bn_training" in set(report["check"]) and "deployment" not in set(
+        report["check"]
+    )  # nothing exported
 
 
 def test_prepare_after_wrapping_in_ddp_raises(tmp_path):

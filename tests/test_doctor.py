@@ -357,3 +357,37 @@ def test_responsible_layers_from_a_sensitivity_frame(healthy, digits):
     sqnr = scores.drop(columns="acc_drop").assign(sqnr_db=[10.0, 3.0, 20.0, 12.0, 15.0, 30.0])
     rows = doctor.check_responsible_layers(healthy, [next(iter(digits[1]))], "cpu", doctor.THRESHOLDS, sqnr)
     assert "ranks by sqnr_db: features.6 (-3), features.0 (-10), classifier (-20)" in rows[0]["evidence"]
+
+
+# ------------------------------------------------------------------------------------------------ saved runs
+
+
+def _sweep_run(config, seed):
+    # QAT 5 points over PTQ at 8 bits (a spread of 0.2 points), 5 points under at 2 bits
+    ptq = 0.80 + 0.001 * seed
+    return {"ptq_acc": ptq, "qat_acc": ptq + (0.05 if config["bits"] == 8 else -0.05) + 0.002 * (seed % 2)}
+
+
+def test_doctor_command_on_an_ablate_sweep(tmp_path, capsys):
+    from qatlab.ablate import ablate
+    from qatlab.cli import main
+
+    ablate({"bits": [8, 2]}, _sweep_run, tmp_path / "sweep", seeds=(0, 1, 2), workers=1, progress=False)
+    report = doctor.diagnose_run(tmp_path / "sweep")
+    assert list(report["check"]) == ["noise_floor"] * 2
+    st = dict(zip(report["layer"], report["status"], strict=True))
+    assert st == {"bits=8": "ok", "bits=2": "fail"}
+    assert "over 3 seeds" in report["evidence"].iloc[0]
+    assert main(["doctor", str(tmp_path / "sweep"), "--csv", str(tmp_path / "t.csv")]) == 1  # a fail: exit 1
+    out = capsys.readouterr().out
+    assert "noise_floor" in out and "bits=2" in out and "QAT is worse than PTQ" in out
+    assert pd.read_csv(tmp_path / "t.csv")["status"].tolist() == report["status"].tolist()
+    # bad input: not a directory, no saved run, runs without the metrics the check needs
+    assert main(["doctor", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no saved run: expected run.json"):
+        doctor.diagnose_run(tmp_path / "empty")
+    ablate({"x": [1]}, lambda c, s: {"loss": 1.0}, tmp_path / "other", workers=1, progress=False)
+    with pytest.raises(ValueError, match="the doctor needs 'ptq_acc' and 'qat_acc'"):
+        doctor.diagnose_run(tmp_path / "other")
