@@ -1193,3 +1193,38 @@ def frontier(df: pd.DataFrame, x: str = "size_kb", reference: float | None = Non
     legend_outside(ax)
     fig.tight_layout()
     return fig
+
+
+# ---- notebook 12: the QAT doctor ---------------------------------------------------------------------------
+
+STATUS_COLORS = {"ok": "C2", "warn": "C1", "fail": "C3"}
+
+
+def doctor_cases(df: pd.DataFrame, title: str = "") -> Figure:
+    """One row per case file (column ``case``): the symptom's metric on the faulty model (``faulty``, a cross),
+    after the fix the doctor named (``fixed``, a dot) joined by an arrow, and the healthy reference (``healthy``,
+    a bar). The case label carries the check that flagged it (``check``, coloured by ``status``) and the metric
+    (``metric``). Every metric is a fraction (accuracy, agreement), on one axis from 0 to 1."""
+    _require(df, ("case", "check", "status", "metric", "faulty", "fixed", "healthy"), "doctor_cases")
+    fig, axes = _new(1, 1, size=(9.0, 0.45 * len(df) + 1.4))
+    ax = axes[0][0]
+    pos = np.arange(len(df))[::-1]
+    for p, (_, r) in zip(pos, df.iterrows(), strict=True):
+        a, b = float(r["faulty"]), float(r["fixed"])
+        if abs(b - a) > 1e-9:
+            ax.annotate("", (b, p), (a, p), arrowprops={"arrowstyle": "->", "color": "0.5", "lw": 1})
+        ax.plot([float(r["healthy"])], [p], "|", color="k", ms=12, mew=1.5)
+    ax.plot(df["faulty"].to_numpy(float), pos, "x", color="C3", ms=8, mew=2, ls="none", label="faulty")
+    ax.plot(df["fixed"].to_numpy(float), pos, "o", color="C2", ms=7, ls="none", label="after the fix")
+    ax.plot([], [], "|", color="k", ms=12, mew=1.5, ls="none", label="healthy reference")
+    labels = [f"{r['case']}  [{r['check']}: {r['status']}]\n{r['metric']}" for _, r in df.iterrows()]
+    ax.set_yticks(pos, labels, fontsize=7)
+    for tick, (_, r) in zip(ax.get_yticklabels(), df.iterrows(), strict=True):
+        tick.set_color(STATUS_COLORS.get(str(r["status"]), "k"))
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("metric of the symptom (fraction)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    legend_outside(ax)
+    fig.tight_layout()
+    return fig

@@ -21,7 +21,7 @@ from qatlab.config import check_choice, progress_bar
 from qatlab.data import reseed
 from qatlab.prepare import freeze_bn_stats, freeze_observers
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "bn_frozen",
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "lr_max", "bn_frozen",
                    "observers_frozen", "time_s")  # fmt: skip
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("cosine", "constant")
@@ -234,6 +234,7 @@ def _train_epoch(
     model, loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher=None, distill=None
 ) -> tuple[float, ...]:
     total_loss, correct, n, lr_used = 0.0, 0, 0, opt.param_groups[0]["lr"]
+    lr_max = lr_used
     with progress_bar(
         total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False, progress=progress
     ) as bar:
@@ -255,6 +256,7 @@ def _train_epoch(
                 loss = distill.loss(logits, teacher_logits, y, loss_fn)
             value = loss.item()
             lr_used = opt.param_groups[0]["lr"]
+            lr_max = max(lr_max, lr_used)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"training loss became {value} at epoch {epoch + 1} (1-based), step {step + 1} of "
@@ -271,7 +273,7 @@ def _train_epoch(
             bar.set_postfix(loss=f"{total_loss / n:.4f}", refresh=False)
     if n == 0:
         raise ValueError(f"train_loader has no batches in epoch {epoch + 1}; pass a re-iterable loader")
-    return total_loss / n, correct / n, lr_used
+    return total_loss / n, correct / n, lr_used, lr_max
 
 
 def accuracy(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> float:
@@ -318,7 +320,8 @@ def fit(
     Returns:
         One row per finished epoch: epoch (1-based), train_loss (the training objective: `loss_fn`, or the
         distillation loss with a teacher), train_acc (training-mode forward passes, against the labels),
-        val_loss (`loss_fn`), val_acc (NaN without val_loader), lr (of the epoch's last step), bn_frozen,
+        val_loss (`loss_fn`), val_acc (NaN without val_loader), lr (of the epoch's last step), lr_max (the
+        largest LR a step of the epoch used), bn_frozen,
         observers_frozen, time_s.
 
     Example:
@@ -374,11 +377,11 @@ def fit(
                 observers_frozen = True
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
-            train_loss, train_acc, lr_used = _train_epoch(
+            train_loss, train_acc, lr_used, lr_max = _train_epoch(
                 model, train_loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher, distill
             )
             val = _NO_VAL if val_loader is None else evaluate(model, val_loader, device, loss_fn)
-            values = (epoch + 1, train_loss, train_acc, val["loss"], val["acc"], lr_used)
+            values = (epoch + 1, train_loss, train_acc, val["loss"], val["acc"], lr_used, lr_max)
             values += (bn_frozen, observers_frozen, time.perf_counter() - start)
             row = dict(zip(HISTORY_COLUMNS, values, strict=True))
             if on_epoch_end is not None:

@@ -198,6 +198,7 @@ def test_bn_statistics_learned_from_batches_of_one(cnn, digits):
         n for n, m in qat.named_modules() if isinstance(m, QuantConvBn2d)
     }
     assert "batch std" in rows.loc["bn_statistics", "evidence"]
+    assert "re-estimating them on this data lowers the loss by" in rows.loc["bn_statistics", "evidence"]
     assert "batches of 1" in rows.loc["bn_training", "evidence"]
     # the fix named: re-estimate BN statistics with larger batches, then freeze them
     reestimate_bn(qat, digits[0])
@@ -205,6 +206,23 @@ def test_bn_statistics_learned_from_batches_of_one(cnn, digits):
     qat.eval()
     st = _status(doctor.diagnose(qat, digits[1], train_batch_size=64))
     assert st["bn_statistics"] == "ok" and st["bn_training"] == "ok"
+
+
+def test_bn_mismatch_the_weights_were_trained_through_is_left_alone(healthy, digits):
+    # running variance x4 and gamma x2: BN computes exactly what it did (as if the weights had been trained
+    # through these statistics), yet the statistics are 4x off the data's; re-estimating them would double
+    # features.3's output, so the doctor leaves them (with labels to measure that), and flags them without labels
+    model = copy.deepcopy(healthy)
+    bn = model.features[3].bn
+    with torch.no_grad():
+        bn.running_var.add_(bn.eps).mul_(4.0).sub_(bn.eps)
+        bn.weight.mul_(2.0)
+    assert _acc(model, digits[1]) == _acc(healthy, digits[1])
+    row = doctor.diagnose(model, digits[1]).set_index("check").loc["bn_statistics"]
+    assert row["status"] == "ok" and row["layer"] == "features.3" and "leave them" in row["evidence"]
+    assert "running variance 4." in row["evidence"] or "running variance 3.9" in row["evidence"]
+    unlabelled = DataLoader(TensorDataset(digits[1].dataset.tensors[0]), batch_size=64)
+    assert _status(doctor.diagnose(model, unlabelled))["bn_statistics"] == "fail"
 
 
 def test_bn_settings_reset_to_defaults(cnn, digits):
@@ -341,6 +359,19 @@ def test_responsible_layers_names_the_two_bit_layer(cnn, digits, labels):
     assert 90 <= recovered <= 110  # that layer alone carries the loss
     added = float(row["evidence"].split("quantization adds ")[1].split(" nats")[0])
     assert added > doctor.THRESHOLDS.blame_warn
+    if labels:  # doctor.blame: the same measurement as a table, against qatlab.evaluate's loss by hand
+        frame = doctor.blame(model, loader)
+        assert frame["layer"].iloc[0] == "features.3" and frame["share"].iloc[0] == pytest.approx(
+            recovered / 100, abs=0.01
+        )
+        batches = [b for _, b in zip(range(4), loader, strict=False)]
+        by_hand = copy.deepcopy(model)
+        loss_q = qatlab.evaluate(by_hand, batches)["loss"]
+        qatlab.prepare.enable_fake_quant(by_hand.features[3], False)
+        assert frame["recovered"].iloc[0] == pytest.approx(
+            loss_q - qatlab.evaluate(by_hand, batches)["loss"], rel=1e-6
+        )
+        assert frame.attrs["loss_quantized"] == pytest.approx(loss_q, rel=1e-6)
     # the fix named: that layer at a higher precision (here the others' 8 bits)
     fixed = qatlab.ptq(cnn, dataclasses.replace(_two_bit("features.3"), overrides={}), digits[0])
     assert _status(doctor.diagnose(fixed, loader))["responsible_layers"] == "ok"

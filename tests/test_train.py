@@ -40,6 +40,13 @@ def test_fit_learns_digits(digit_sets):
     assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
     assert not history["bn_frozen"].any() and not history["observers_frozen"].any()
     assert (history["time_s"] > 0).all()
+    # cosine over 3 epochs: each epoch's largest LR is its first step's, the last step's is lower
+    steps = len(train_loader)
+    starts = [lr_at(e * steps, 3 * steps, 0, 0.1) for e in range(3)]
+    ends = [lr_at((e + 1) * steps - 1, 3 * steps, 0, 0.1) for e in range(3)]
+    assert history["lr_max"].tolist() == pytest.approx(starts) and history["lr"].tolist() == pytest.approx(
+        ends
+    )
 
 
 def test_fit_without_val_loader_gives_nan(digit_sets):
