@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from qatlab import dynamics
 from qatlab.config import QATConfig
 from qatlab.data import loaders, resolve_dataset
 from qatlab.experiments import qat_run
@@ -64,6 +65,8 @@ class RunConfig:
             start; then N ranks and one process at the same global batch compute the same thing up to the
             order of float sums, since no rank normalises with its own share of the batch).
         export: export the final model to ONNX from rank 0 and check it in ONNX Runtime.
+        record_dynamics: record rank 0's weight flips during QAT (:func:`qatlab.dynamics.record`) and save the
+            per-layer oscillation as ``oscillation.csv`` (the doctor's ``oscillation`` check reads it).
         device: "auto" (the rank's GPU when CUDA is there, else CPU), "cpu" or "cuda".
     """
 
@@ -86,6 +89,7 @@ class RunConfig:
     sync_observers: bool = True
     freeze_bn_epoch: int | None = None
     export: bool = True
+    record_dynamics: bool = False
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -202,7 +206,8 @@ def _float_model(cfg: RunConfig, dataset: str) -> nn.Module:
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A finished run's directory, read back: ``config`` (the :class:`RunConfig`), ``model`` (the QAT model in
     eval mode, BN statistics frozen if the run froze them), ``float_model``, ``test`` (its evaluation loader),
-    ``result`` (``result.json``) and ``rank_states`` (one :func:`rank_state` per rank; None for one process)."""
+    ``result`` (``result.json``), ``rank_states`` (one :func:`rank_state` per rank; None for one process) and
+    ``oscillation`` (``oscillation.csv`` of ``record_dynamics``; None without)."""
     out = Path(run_dir)
     missing = [f for f in ("run.json", "qat_model.pt", "result.json") if not (out / f).exists()]
     if missing:
@@ -222,6 +227,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "config": cfg, "model": model.eval(), "float_model": float_model,
         "test": DataLoader(test_set, batch_size=256), "result": json.loads((out / "result.json").read_text()),
         "rank_states": torch.load(states, weights_only=True) if states.exists() else None,
+        "oscillation": pd.read_csv(out / "oscillation.csv") if (out / "oscillation.csv").exists() else None,
     }  # fmt: skip
 
 
@@ -252,10 +258,16 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
     model = _float_model(cfg, dataset)
     float_acc = evaluate(model.to(device), test, device=device)["acc"] if rank == 0 else float("nan")
 
+    recorder: list[Any] = []
+
     def prepare(m: nn.Module, config: QATConfig) -> nn.Module:
         qat = prepare_qat(m, config)
         if cfg.sync_observers:
             sync_observers(qat)  # calibration on each rank's shard then gives the ranges of the union
+        if (
+            cfg.record_dynamics and rank == 0
+        ):  # DDP keeps the weights equal: one rank's flips are every rank's
+            recorder.append(dynamics.record(qat))
         return qat
 
     def wrap(qat: nn.Module) -> nn.Module:  # quantize first, then wrap
@@ -310,6 +322,9 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
         save_atomic(qat.state_dict(), out / "qat_model.pt")
         if world > 1:  # every rank's weights, ranges and BN statistics, for qatlab.doctor's ddp_ranks check
             save_atomic(states, out / "rank_states.pt")
+        if recorder:
+            recorder[0].remove()
+            write_atomic(out / "oscillation.csv", recorder[0].oscillation().to_csv(index=False))
         if cfg.export:
             result["onnx"] = _export(qat, test, out / "model.onnx")
         write_atomic(out / "result.json", json.dumps(result, indent=1))

@@ -22,6 +22,8 @@ from qatlab.config import QATConfig, progress_bar
 from qatlab.data import reseed
 from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare_qat, ptq, quantizers
 from qatlab.quant import sqnr
+from qatlab.store import RunStore
+from qatlab.store import default as default_store
 from qatlab.train import Distill, evaluate, fit
 
 
@@ -183,6 +185,7 @@ def qat_run(
     val_loader: Iterable | None = None,
     teacher: nn.Module | None = None,
     distill: Distill | None = None,
+    store: RunStore | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """One QAT run: prepare ``model`` with ``config``, optionally calibrate (PTQ init), fine-tune, evaluate.
@@ -210,12 +213,44 @@ def qat_run(
             out of the reported ``acc``, which is then measured once on ``test_loader`` at the end.
         teacher, distill: quantization-aware distillation (fit's ``teacher``/``distill``): train on the
             teacher's softened logits (e.g. ``teacher=model``, the float model this run quantizes).
+        store: a :class:`qatlab.store.RunStore`: a run whose inputs (model, config, data, arguments, the qatlab
+            source) were stored before is read back, not computed (``seconds`` is the stored run's); a new one is
+            stored. Runs with ``wrap`` or epoch hooks cannot be keyed and raise. Without it, the default store
+            (:func:`qatlab.store.default`, on when ``QATLAB_STORE=1``) is used for the runs it can key.
 
     Returns:
         A row: the labels, ``seed``, ``ptq_acc`` (before fine-tuning, NaN when not calibrated), ``acc`` (final
         test accuracy), ``seconds`` (fine-tuning), ``history`` (the fit DataFrame) and ``model``; with a
         ``val_loader``, also ``ptq_val_acc`` and ``val_acc`` (the same on the validation split).
     """
+    key = None
+    explicit = store is not None
+    store = store if explicit else default_store()
+    hooks = [n for n, h in (("wrap", wrap), ("on_epoch_start", on_epoch_start), ("on_epoch_end", on_epoch_end))
+             if h is not None]  # fmt: skip
+    if hooks and explicit:
+        raise ValueError(f"store: a run with hooks ({', '.join(hooks)}) cannot be keyed; pass store=None")
+    if store is not None and not hooks:
+        # a shuffling calib_loader given apart is not reseeded: where its generator stands decides the batches
+        gen = getattr(getattr(calib_loader, "sampler", None), "generator", None)
+        calib_order = gen.get_state() if isinstance(gen, torch.Generator) else None
+        try:
+            key = store.key(
+                "qat_run", model=model, config=config, train_loader=train_loader, test_loader=test_loader,
+                steps=steps, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, calibrated=calibrated,
+                calib_batches=calib_batches, calib_loader=calib_loader, freeze_bn_epoch=freeze_bn_epoch,
+                freeze_observer_epoch=freeze_observer_epoch, epochs=epochs, seed=seed, device=torch.device(device),
+                prepare=prepare, validate=validate, val_loader=val_loader, teacher=teacher, distill=distill,
+                calib_order=calib_order,
+            )  # fmt: skip
+        except TypeError:
+            if explicit:
+                raise
+            key = None  # the default store skips runs it cannot key (e.g. a custom Dataset)
+        hit = store.get(key, state=True) if key is not None else None
+        if hit is not None:
+            return _stored_run(hit, model, config, prepare, device, epochs, freeze_bn_epoch, freeze_observer_epoch,
+                               labels)  # fmt: skip
     nan = float("nan")
     torch.manual_seed(seed)
     qat = prepare(model, config).to(device)
@@ -263,7 +298,7 @@ def qat_run(
     if val_loader is not None:
         last = history["val_acc"].iloc[-1] if validated else evaluate(qat, val_loader, device=device)["acc"]
         extra["val_acc"] = float(last)
-    return {
+    row = {
         **labels,
         "seed": seed,
         "ptq_acc": ptq_acc,
@@ -271,8 +306,31 @@ def qat_run(
         **extra,
         "seconds": seconds,
         "history": history,
-        "model": qat,
     }
+    if key is not None:
+        # with the global RNG state the run left behind: code after a stored run draws what it would have drawn
+        state = {**qat.state_dict(), _RNG_KEY: torch.get_rng_state()}
+        store.put(key, {k: v for k, v in row.items() if k not in labels}, state)
+    return {**row, "model": qat}
+
+
+_RNG_KEY = "__torch_rng_state__"
+
+
+def _stored_run(hit, model, config, prepare, device, epochs, freeze_bn_epoch, freeze_observer_epoch, labels):
+    """A stored qat_run, rebuilt: the QAT model from ``prepare`` with the stored state, in train mode as ``fit``
+    leaves it, BN statistics and observers frozen where the run froze them."""
+    qat = prepare(model, config).to(device)
+    state = hit.pop("state")
+    rng = state.pop(_RNG_KEY, None)
+    qat.load_state_dict(state)
+    if rng is not None:
+        torch.set_rng_state(rng)
+    if freeze_bn_epoch is not None and freeze_bn_epoch < epochs:
+        freeze_bn_stats(qat)
+    if freeze_observer_epoch is not None and freeze_observer_epoch < epochs:
+        freeze_observers(qat)
+    return {**labels, **hit, "model": qat.train()}
 
 
 def compare_arms(a: Sequence[float], b: Sequence[float], min_effect: float = 0.002) -> dict[str, Any]:

@@ -668,6 +668,12 @@ def mixed_config(base: QATConfig, choice: Mapping[str, str | QuantSpec | None]) 
     return replace(base, overrides=overrides)
 
 
+def _check_candidates(name: str, candidates: Iterable[str]) -> None:
+    unknown = [c for c in candidates if c not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"{name} {unknown} are unknown; choose from {list(CANDIDATES)}")
+
+
 def candidate_scores(
     model: nn.Module,
     base: QATConfig,
@@ -681,9 +687,7 @@ def candidate_scores(
     measured loss increase) and the weight ``bits`` (scales included). ``"float"`` scores 0 at 32 bits. A
     candidate that does not fit a layer (a group size that does not divide it) is left out for that layer."""
     check_choice("estimator", estimator, ("fisher", "hessian", "ptq"))
-    unknown = [c for c in candidates if c not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"candidates {unknown} are unknown; choose from {list(CANDIDATES)}")
+    _check_candidates("candidates", candidates)
     mods = dict(model.named_modules())
     configs = {
         c: replace(base, weight=CANDIDATES[c], keep=(), keep_bits=None) for c in candidates if c != "float"
@@ -821,9 +825,7 @@ def latency_table(
         Columns ``layer``, ``candidate``, ``latency_ms``; ``attrs["reference_ms"]`` is the reference model's
         latency. A candidate that does not fit a layer is left out for that layer.
     """
-    unknown = [c for c in (*candidates, reference) if c not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"candidates/reference {unknown} are unknown; choose from {list(CANDIDATES)}")
+    _check_candidates("candidates/reference", (*candidates, reference))
     if not isinstance(inputs, Tensor) or inputs.dim() == 0 or len(inputs) == 0:
         raise ValueError("inputs must be a non-empty batch tensor (the batch ORT is timed on)")
     model = model.to(device).eval()

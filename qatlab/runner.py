@@ -128,6 +128,7 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     }
     if fast:
         env["QATLAB_FAST"] = "1"
+    env.setdefault("QATLAB_STORE", "1")  # QAT runs go through build/runs: a second make run reads them back
     start = time.perf_counter()
     status, error = "ok", ""
     try:

@@ -43,3 +43,22 @@ def digit_sets():
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1400], perm[1400:]
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+@pytest.fixture(scope="session")
+def digits_cnn():
+    """``(model, (train, test))``: the lab CNN trained 3 epochs on sklearn digits (batch 64, seed 0, one torch
+    thread), in eval mode; shared read-only by the modules that diagnose or quantize it."""
+    import torch
+
+    import qatlab
+    from qatlab.data import digits_loaders
+    from qatlab.experiments import one_thread
+    from qatlab.models import build_model
+
+    loaders = digits_loaders(batch_size=64, seed=0)
+    with one_thread():
+        torch.manual_seed(0)
+        model = build_model("cnn")
+        qatlab.fit(model, loaders[0], epochs=3, lr=0.05, progress=False)
+    return model.eval(), loaders

@@ -64,7 +64,7 @@ def _cfg(**changes) -> RunConfig:
 
 
 def test_two_ranks_equal_one_process_at_the_same_global_batch(tmp_path):
-    two = launch(_cfg(), tmp_path / "two", nproc=2, echo=False)
+    two = launch(_cfg(record_dynamics=True), tmp_path / "two", nproc=2, echo=False)
     one = launch(_cfg(export=False), tmp_path / "one", nproc=1, echo=False)
     # the doctor on both directories: the synced ranks agree, the export holds, the reloaded model is the run's
     for name, n_ranks in (("two", 2), ("one", 1)):
@@ -76,6 +76,16 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(tmp_path):
             n_ranks == 2
         )
         assert "one seed" in report.loc["noise_floor", "evidence"]
+        assert ("oscillation" in report.index) == (n_ranks == 2)  # recorded in the 2-rank run only
+    osc = load_run(tmp_path / "two")[
+        "oscillation"
+    ]  # rank 0's flips over the 16 QAT steps, per weight quantizer
+    assert (
+        set(osc["layer"]) == {"features.1.weight_quant", "classifier.weight_quant"}
+        and (osc["steps"] == 15).all()
+    )
+    row = doctor.diagnose_run(tmp_path / "two").set_index("check").loc["oscillation"]
+    assert "in 15 steps" in row["evidence"] and "the largest LR (0.05)" in row["evidence"]
     assert (
         "2 ranks hold identical"
         in doctor.diagnose_run(tmp_path / "two").set_index("check").loc["ddp_ranks", "evidence"]

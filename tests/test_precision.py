@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import qatlab
 from qatlab import QATConfig, QuantSpec, precision
 from qatlab.config import lab_config
-from qatlab.data import digits_loaders, reseed
+from qatlab.data import reseed
 from qatlab.experiments import layer_sensitivity, one_thread, qat_run
 from qatlab.export import export_onnx, verify_onnx
 from qatlab.models import build_model
@@ -59,16 +59,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return digits_loaders(batch_size=64, seed=0)
+def digits(digits_cnn):
+    return digits_cnn[1]
 
 
 @pytest.fixture(scope="module")
-def cnn(digits):
-    torch.manual_seed(0)
-    model = build_model("cnn")
-    qatlab.fit(model, digits[0], epochs=3, lr=0.05, progress=False)
-    return model.eval()
+def cnn(digits_cnn):
+    return digits_cnn[0]
 
 
 @pytest.fixture(scope="module")
