@@ -109,15 +109,20 @@ def _call(run_fn: RunFn, config: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"metrics": metrics, "seconds": time.perf_counter() - start}
 
 
+def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every finished run under ``out_dir/runs`` as written: ``config``, ``seed``, ``metrics``, ``seconds``, and
+    ``key`` (its file name), in key order."""
+    return [
+        {**json.loads(f.read_text()), "key": f.stem} for f in sorted((Path(out_dir) / "runs").glob("*.json"))
+    ]
+
+
 def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Every finished run under ``out_dir/runs`` as one row: config columns, ``seed``, metrics, ``seconds``."""
-    rows = []
-    for f in sorted((Path(out_dir) / "runs").glob("*.json")):
-        rec = json.loads(f.read_text())
-        rows.append(
-            {**rec["config"], "seed": rec["seed"], **rec["metrics"], "seconds": rec["seconds"], "key": f.stem}
-        )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [{**r["config"], "seed": r["seed"], **r["metrics"], "seconds": r["seconds"], "key": r["key"]}
+         for r in load_records(out_dir)]
+    )  # fmt: skip
 
 
 def ablate(

@@ -43,8 +43,8 @@ from qatlab.export import export_onnx, verify_onnx
 from qatlab.files import save_atomic, write_atomic
 from qatlab.models import build_model
 from qatlab.modules import QuantConv2d, QuantConvBn2d, QuantLinear
-from qatlab.prepare import freeze_bn_stats, prepare_qat
-from qatlab.train import evaluate
+from qatlab.prepare import prepare_qat
+from qatlab.train import evaluate, freeze_as_fit_left
 
 
 @dataclass
@@ -220,8 +220,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     float_model = _float_model(cfg, dataset).eval()
     model = prepare_qat(float_model, QATConfig.from_dict(cfg.qat))
     model.load_state_dict(torch.load(out / "qat_model.pt", map_location="cpu", weights_only=True))
-    if cfg.freeze_bn_epoch is not None and cfg.freeze_bn_epoch < cfg.epochs:
-        freeze_bn_stats(model)
+    freeze_as_fit_left(model, cfg.epochs, cfg.freeze_bn_epoch)
     states = out / "rank_states.pt"
     return {
         "config": cfg, "model": model.eval(), "float_model": float_model,
@@ -264,9 +263,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike) -> dict[str, Any] | None:
         qat = prepare_qat(m, config)
         if cfg.sync_observers:
             sync_observers(qat)  # calibration on each rank's shard then gives the ranges of the union
-        if (
-            cfg.record_dynamics and rank == 0
-        ):  # DDP keeps the weights equal: one rank's flips are every rank's
+        # DDP keeps the weights equal: one rank's flips are every rank's
+        if cfg.record_dynamics and rank == 0:
             recorder.append(dynamics.record(qat))
         return qat
 

@@ -461,6 +461,11 @@ def check_oscillation(
     return [_row("oscillation", status, text, fix, name.rsplit(".", 1)[0])]
 
 
+def _logits(y: Any) -> Tensor:
+    """A model's output as a float tensor: the first of a tuple, or a Hugging Face output's ``logits``."""
+    return (y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)).detach().float()
+
+
 def _labels(batch: Any) -> Tensor | None:
     if isinstance(batch, dict):
         return batch.get("labels", batch.get("label"))
@@ -477,8 +482,7 @@ def _loss(
     loss, hits, n = 0.0, 0, 0
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            y = run_batch(model, batch, device)
-            y = (y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)).float()
+            y = _logits(run_batch(model, batch, device))
             t = _labels(batch)
             if t is not None:
                 t = t.to(y.device)
@@ -521,11 +525,8 @@ def _loss_gap(model: nn.Module, batches: list, device) -> dict[str, Any]:
     enable_fake_quant(work, False)
     reference = None
     if any(_labels(b) is None for b in batches):
-        reference = []
         with torch.no_grad():
-            for batch in batches:
-                y = run_batch(work, batch, device)
-                reference.append((y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)).float())
+            reference = [_logits(run_batch(work, b, device)) for b in batches]
     loss_f, acc_f = _loss(work, batches, device, reference)
     enable_fake_quant(work, True)
     loss_q, acc_q = _loss(work, batches, device, reference)
@@ -596,13 +597,8 @@ def check_responsible_layers(
 
 
 def _outputs(model: nn.Module, batches: list, device) -> Tensor:
-    outs = []
     with torch.no_grad():
-        for batch in batches:
-            y = run_batch(model, batch, device)
-            y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
-            outs.append(y.detach().float().cpu())
-    return torch.cat(outs)
+        return torch.cat([_logits(run_batch(model, b, device)).cpu() for b in batches])
 
 
 def check_convert_gap(model: nn.Module, batches: list, device, th: Thresholds) -> list[dict[str, str]]:
@@ -808,16 +804,15 @@ def diagnose(
 
 
 def _diagnose_sweep(out: Path) -> pd.DataFrame:
-    import json
+    from qatlab.ablate import load_records
 
     groups: dict[str, dict[str, list[float]]] = {}
-    for f in sorted((out / "runs").glob("*.json")):
-        rec = json.loads(f.read_text())
+    for rec in load_records(out):
         m = rec["metrics"]
         qat = m.get("qat_acc", m.get("acc"))
         if "ptq_acc" not in m or qat is None:
             raise ValueError(
-                f"{f.name}: the sweep's runs hold metrics {sorted(m)}; the doctor needs 'ptq_acc' and 'qat_acc' "
+                f"{rec['key']}.json: the sweep's runs hold metrics {sorted(m)}; the doctor needs 'ptq_acc' and 'qat_acc' "
                 "per run (as qatlab.ablate.digits_qat_run returns) to compare QAT with PTQ over seeds"
             )
         label = ", ".join(f"{k}={v}" for k, v in sorted(rec["config"].items())) or "(no config)"
@@ -835,8 +830,8 @@ def diagnose_run(run_dir: str | Path, batches: int = 4, device: str | torch.devi
     """:func:`diagnose` a saved run: a :mod:`qatlab.distributed` run directory (one process, i.e. ``fit``, or
     several: ``run.json``, ``qat_model.pt``, ``result.json``, ``rank_states.pt``, ``oscillation.csv``) gets
     every check its files allow (the float model, the export, the rank states, the weight oscillation with the
-    run's LR, the training batch per rank, QAT vs PTQ of the one seed); a :mod:`qatlab.ablate` sweep (``runs/*.json``) gets the noise floor of QAT over PTQ per config, its
-    config in the ``layer`` column."""
+    run's LR, the training batch per rank, QAT vs PTQ of the one seed); a :mod:`qatlab.ablate` sweep
+    (``runs/*.json``) gets the noise floor of QAT over PTQ per config, its config in the ``layer`` column."""
     out = Path(run_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"run_dir {str(out)!r} is not a directory")

@@ -24,7 +24,7 @@ from qatlab.prepare import calibrate, freeze_bn_stats, freeze_observers, prepare
 from qatlab.quant import sqnr
 from qatlab.store import RunStore
 from qatlab.store import default as default_store
-from qatlab.train import Distill, evaluate, fit
+from qatlab.train import Distill, evaluate, fit, freeze_as_fit_left
 
 
 @torch.no_grad()
@@ -326,10 +326,7 @@ def _stored_run(hit, model, config, prepare, device, epochs, freeze_bn_epoch, fr
     qat.load_state_dict(state)
     if rng is not None:
         torch.set_rng_state(rng)
-    if freeze_bn_epoch is not None and freeze_bn_epoch < epochs:
-        freeze_bn_stats(qat)
-    if freeze_observer_epoch is not None and freeze_observer_epoch < epochs:
-        freeze_observers(qat)
+    freeze_as_fit_left(qat, epochs, freeze_bn_epoch, freeze_observer_epoch)
     return {**labels, **hit, "model": qat.train()}
 
 

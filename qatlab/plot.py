@@ -1213,10 +1213,18 @@ def doctor_cases(df: pd.DataFrame, title: str = "") -> Figure:
         a, b = float(r["faulty"]), float(r["fixed"])
         if abs(b - a) > 1e-9:
             ax.annotate("", (b, p), (a, p), arrowprops={"arrowstyle": "->", "color": "0.5", "lw": 1})
-        ax.plot([float(r["healthy"])], [p], "|", color="k", ms=12, mew=1.5)
     ax.plot(df["faulty"].to_numpy(float), pos, "x", color="C3", ms=8, mew=2, ls="none", label="faulty")
     ax.plot(df["fixed"].to_numpy(float), pos, "o", color="C2", ms=7, ls="none", label="after the fix")
-    ax.plot([], [], "|", color="k", ms=12, mew=1.5, ls="none", label="healthy reference")
+    ax.plot(
+        df["healthy"].to_numpy(float),
+        pos,
+        "|",
+        color="k",
+        ms=12,
+        mew=1.5,
+        ls="none",
+        label="healthy reference",
+    )
     labels = [f"{r['case']}  [{r['check']}: {r['status']}]\n{r['metric']}" for _, r in df.iterrows()]
     ax.set_yticks(pos, labels, fontsize=7)
     for tick, (_, r) in zip(ax.get_yticklabels(), df.iterrows(), strict=True):

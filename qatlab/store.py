@@ -43,21 +43,24 @@ from torch import nn
 
 from qatlab.files import build_dir, save_atomic, write_atomic
 
-# modules whose code changes no number a run computes: figures, widgets, the notebook runner and claims, the CLI,
-# the doctor (it reads runs, it does not make them), this store's own I/O helpers are hashed (they make the key)
+# modules whose code changes no number a run computes: figures, widgets, the notebook runner and claims, the CLI
+# and the doctor (it reads runs, it does not make them); everything else, this module included, is hashed
 PRESENTATION = frozenset({"plot", "widgets", "claims", "runner", "cli", "doctor", "__init__"})
 
 
 def default() -> RunStore | None:
     """The store runs use when none is passed: ``RunStore()`` under ``build/runs`` when ``QATLAB_STORE`` is set
     (``1``, ``true`` or ``yes``; ``make run`` sets it for every notebook), else None."""
-    on = os.environ.get("QATLAB_STORE", "0").strip().lower() in ("1", "true", "yes")
-    return RunStore() if on else None
+    return RunStore() if _env_flag("QATLAB_STORE") else None
 
 
 def recompute() -> bool:
     """True when ``QATLAB_RECOMPUTE`` asks to ignore stored runs (``1``, ``true`` or ``yes``)."""
-    return os.environ.get("QATLAB_RECOMPUTE", "0").strip().lower() in ("1", "true", "yes")
+    return _env_flag("QATLAB_RECOMPUTE")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes")
 
 
 @functools.cache

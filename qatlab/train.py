@@ -276,6 +276,21 @@ def _train_epoch(
     return total_loss / n, correct / n, lr_used, lr_max
 
 
+def freeze_as_fit_left(
+    model: nn.Module,
+    epochs: int,
+    freeze_bn_epoch: int | None = None,
+    freeze_observer_epoch: int | None = None,
+) -> nn.Module:
+    """Freeze BN statistics and observers as :func:`fit` left them after ``epochs`` epochs with these arguments:
+    for a model rebuilt from a saved state dict (the flags are not in it)."""
+    if freeze_bn_epoch is not None and freeze_bn_epoch < epochs:
+        freeze_bn_stats(model)
+    if freeze_observer_epoch is not None and freeze_observer_epoch < epochs:
+        freeze_observers(model)
+    return model
+
+
 def accuracy(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy of ``model`` on ``loader`` (eval mode): ``evaluate(model, loader, device)["acc"]``."""
     return evaluate(model, loader, device)["acc"]

