@@ -6,6 +6,12 @@ completes; a sweep killed at any point (Ctrl-C, a crash inside a run, a lost mac
 :func:`ablate` again: finished runs are read back, not redone, and no file is ever half-written. The table
 ``out_dir/results.csv`` is rewritten (atomically) at the end of every call.
 
+A record is reused only while its :func:`run_version` holds: the run function's name, the qatlab source that
+computes numbers (:func:`qatlab.store.source_hash`) and, for a run function outside qatlab, its module's file.
+A change to any of them makes the folder's records stale: they are run again (and ``QATLAB_RECOMPUTE=1`` runs
+everything again). Runs go to a local process pool, to any ``concurrent.futures`` executor, or to a Dask cluster
+(``scheduler="tcp://host:8786"``); the records are always written here, by this process.
+
 Example:
     >>> from qatlab.ablate import ablate, digits_qat_run
     >>> df = ablate({"bits": [8, 4], "per_channel": [True, False]}, digits_qat_run, "build/ablate/demo",
@@ -14,6 +20,7 @@ Example:
 Command line (grid file in JSON, TOML or YAML)::
 
     qatlab ablate grid.toml               # or: python -m qatlab.ablate grid.toml
+    qatlab ablate grid.toml --scheduler tcp://10.0.0.1:8786   # on a Dask cluster (see the README)
 
     # grid.toml
     run = "qatlab.ablate:digits_qat_run"
@@ -32,6 +39,7 @@ import importlib
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
@@ -94,35 +102,100 @@ def run_key(config: Mapping[str, Any], seed: int) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def run_version(run_fn: RunFn) -> str:
+    """What a finished run's numbers depend on besides its config and seed: the run function (module and name),
+    the qatlab source that computes numbers, and the file of a run function defined outside qatlab. Records of
+    another version are stale: :func:`ablate` runs them again."""
+    from qatlab.store import source_hash
+
+    fn = getattr(run_fn, "func", run_fn)  # a functools.partial: its function, and its arguments by repr
+    arguments = repr(run_fn) if fn is not run_fn else ""
+    h = hashlib.sha256(f"{_run_name(run_fn)}|{source_hash()}|{arguments}".encode())
+    module = getattr(fn, "__module__", None) or "?"
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if file and module.split(".")[0] != "qatlab":
+        h.update(Path(file).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _call(run_fn: RunFn, config: dict[str, Any], seed: int) -> dict[str, Any]:
+def _call(run_fn: RunFn, config: dict[str, Any], seed: int, path: Path | None = None) -> dict[str, Any]:
+    """One run, where the executor put it. With ``path`` (the run's record) a current record there is returned
+    as it is (a cluster recomputes a result lost with its worker: the run is not done twice), and a new one is
+    written there when its folder exists here (a folder shared with the caller; the caller writes it too)."""
+    version = run_version(
+        run_fn
+    )  # as this worker computes it: one with other qatlab code is caught by the caller
+    if path is not None and _finished(path, version):
+        return json.loads(path.read_text())
     start = time.perf_counter()
     metrics = dict(run_fn(dict(config), seed))
     clash = [k for k in metrics if k in config or k in RESERVED]
     if clash:
         raise ValueError(f"run_fn returned metrics named like config columns or reserved names: {clash}")
-    return {"metrics": metrics, "seconds": time.perf_counter() - start}
+    rec = {"config": dict(config), "seed": seed, "run": _run_name(run_fn), "metrics": metrics,
+           "seconds": time.perf_counter() - start, "version": version}  # fmt: skip
+    if path is not None and path.parent.is_dir():
+        write_atomic(path, json.dumps(rec, default=float))
+    return rec
 
 
-def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every finished run under ``out_dir/runs`` as written: ``config``, ``seed``, ``metrics``, ``seconds``, and
-    ``key`` (its file name), in key order."""
-    return [
+def load_records(out_dir: str | os.PathLike, run_fn: RunFn | None = None) -> list[dict[str, Any]]:
+    """Every finished run under ``out_dir/runs`` as written: ``config``, ``seed``, ``metrics``, ``seconds``,
+    ``version``, and ``key`` (its file name), in key order. Given ``run_fn``, only the runs of its current
+    :func:`run_version` (the others are stale)."""
+    version = run_version(run_fn) if run_fn is not None else None
+    records = [
         {**json.loads(f.read_text()), "key": f.stem} for f in sorted((Path(out_dir) / "runs").glob("*.json"))
     ]
+    return [r for r in records if version is None or r.get("version") == version]
 
 
-def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every finished run under ``out_dir/runs`` as one row: config columns, ``seed``, metrics, ``seconds``."""
+def load_results(out_dir: str | os.PathLike, run_fn: RunFn | None = None) -> pd.DataFrame:
+    """Every finished run under ``out_dir/runs`` as one row: config columns, ``seed``, metrics, ``seconds``,
+    ``key``. Given ``run_fn``, only its current runs (:func:`load_records`)."""
     return pd.DataFrame(
         [{**r["config"], "seed": r["seed"], **r["metrics"], "seconds": r["seconds"], "key": r["key"]}
-         for r in load_records(out_dir)]
+         for r in load_records(out_dir, run_fn)]
     )  # fmt: skip
+
+
+def _finished(path: Path, version: str) -> bool:
+    """A record at ``path`` of this version (``QATLAB_RECOMPUTE=1``: none is)."""
+    from qatlab.store import recompute
+
+    if recompute() or not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("version") == version
+    except json.JSONDecodeError:
+        return False
+
+
+def dask_client(scheduler: str, timeout: float = 30.0):
+    """A ``distributed.Client`` connected to the Dask scheduler at ``scheduler`` (``"tcp://host:8786"``)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ImportError(
+            "scheduler= needs Dask's distributed package: pip install distributed (make setup installs it)"
+        ) from None
+    if not isinstance(scheduler, str) or "://" not in scheduler and ":" not in scheduler:
+        raise ValueError(
+            f"scheduler must be a Dask scheduler address like 'tcp://10.0.0.1:8786', got {scheduler!r}"
+        )
+    try:
+        return Client(scheduler, timeout=timeout)
+    except OSError as exc:
+        raise ConnectionError(
+            f"no Dask scheduler answered at scheduler={scheduler!r} within {timeout:.0f} s ({exc}); start one with "
+            "`dask scheduler` and workers with `dask worker ADDRESS --nthreads 1`"
+        ) from exc
 
 
 def ablate(
@@ -134,6 +207,7 @@ def ablate(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> pd.DataFrame:
     """Run every (config, seed) of the grid not finished yet and return the table of all finished runs.
 
@@ -147,19 +221,33 @@ def ablate(
             of ``workers`` processes (default: CPU count) with ``threads_per_worker`` torch threads each
             (default: CPU count / workers). ``workers=1`` runs in this process, one run after the other.
         progress: a progress bar over the pending runs.
+        scheduler: a Dask scheduler's address (``"tcp://host:8786"``): the runs go to its workers through
+            Dask's ``concurrent.futures`` executor (a worker lost mid-run has its run redone elsewhere), and the
+            records are written here. Every worker needs the same qatlab (a run computed by other code fails).
 
     Raises:
         RuntimeError: when runs failed; the finished ones are saved, and calling again retries only the rest.
     """
+    if scheduler is not None and executor is not None:
+        raise ValueError("give executor= or scheduler=, not both (scheduler= makes a Dask executor)")
     runs = grid_runs(grid, seeds)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    pending = [(c, s) for c, s in runs if not (out / "runs" / f"{run_key(c, s)}.json").exists()]
+    version = run_version(run_fn)
+    pending = [(c, s) for c, s in runs if not _finished(out / "runs" / f"{run_key(c, s)}.json", version)]
     errors: list[str] = []
 
-    def record(config: dict[str, Any], seed: int, result: dict[str, Any]) -> None:
-        rec = {"config": config, "seed": seed, **result}
-        write_atomic(out / "runs" / f"{run_key(config, seed)}.json", json.dumps(rec, default=float))
+    def path(config: dict[str, Any], seed: int) -> Path:
+        return out / "runs" / f"{run_key(config, seed)}.json"
+
+    def record(config: dict[str, Any], seed: int, rec: dict[str, Any]) -> None:
+        if rec["version"] != version:
+            raise RuntimeError(
+                f"the worker's run version {rec['version']} is not this process's {version}: its qatlab source "
+                f"or {_run_name(run_fn)} differs; install the same code on every worker"
+            )
+        if not _finished(path(config, seed), version):  # a worker that does not share this folder
+            write_atomic(path(config, seed), json.dumps(rec, default=float))
 
     done_before = len(runs) - len(pending)
     bar = progress_bar(
@@ -170,19 +258,22 @@ def ablate(
         if executor is None and (workers == 1 or len(pending) <= 1):
             for config, seed in pending:
                 try:
-                    record(config, seed, _call(run_fn, config, seed))
+                    record(config, seed, _call(run_fn, config, seed, path(config, seed)))
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                     errors.append(f"{config} seed {seed}: {type(exc).__name__}: {exc}")
                 bar.update(1)
         elif pending:
             own = executor is None
-            if own:
+            if scheduler is not None:
+                client = dask_client(scheduler)
+                executor = client.get_executor(pure=False)
+            elif own:
                 n = workers or cpus
                 threads = threads_per_worker or max(1, cpus // n)
                 executor = ProcessPoolExecutor(max_workers=n, initializer=_init_worker, initargs=(threads,))
             try:
                 futures: dict[Future, tuple[dict[str, Any], int]] = {
-                    executor.submit(_call, run_fn, c, s): (c, s) for c, s in pending
+                    executor.submit(_call, run_fn, c, s, path(c, s)): (c, s) for c, s in pending
                 }
                 for fut in as_completed(futures):
                     config, seed = futures[fut]
@@ -192,11 +283,14 @@ def ablate(
                         errors.append(f"{config} seed {seed}: {type(exc).__name__}: {exc}")
                     bar.update(1)
             finally:
-                if own:
+                if scheduler is not None:
+                    executor.shutdown(wait=False)  # cancels what is left on the cluster
+                    client.close()
+                elif own:
                     executor.shutdown(cancel_futures=True)
     finally:
         bar.close()
-        table = load_results(out)
+        table = load_results(out, run_fn)
         if len(table):  # the grid's order (runs of other grids in the same folder last)
             order = {run_key(c, s): i for i, (c, s) in enumerate(runs)}
             table = table.sort_values("key", key=lambda k: k.map(order).fillna(len(order))).reset_index(
@@ -209,6 +303,11 @@ def ablate(
             "again to retry only the missing ones):\n" + "\n".join(errors[:10])
         )
     return table
+
+
+def _run_name(run_fn: RunFn) -> str:
+    fn = getattr(run_fn, "func", run_fn)
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
 def summarize(table: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFrame:
@@ -273,7 +372,7 @@ def digits_qat_run(config: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def read_grid_file(path: str | os.PathLike) -> dict[str, Any]:
     """A grid file (``.json``, ``.toml`` or ``.yaml``/``.yml``) with keys ``run`` ("module:function"),
-    ``grid``, and optional ``seeds``, ``out``, ``workers``."""
+    ``grid``, and optional ``seeds``, ``out``, ``workers``, ``scheduler``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file {str(path)!r} not found")
@@ -318,11 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid_file", type=Path, help="JSON, TOML or YAML file with run, grid, seeds, out")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the file's 'out')")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on a Dask cluster: the scheduler's address, e.g. tcp://10.0.0.1:8786")  # fmt: skip
     args = parser.parse_args(argv)
     spec = read_grid_file(args.grid_file)
     out = args.out or Path(spec.get("out", Path("build") / "ablate" / args.grid_file.stem))
     table = ablate(spec["grid"], resolve_run(spec["run"]), out, seeds=spec.get("seeds", (0,)),
-                   workers=args.workers or spec.get("workers"))  # fmt: skip
+                   workers=args.workers or spec.get("workers"),
+                   scheduler=args.scheduler or spec.get("scheduler"))  # fmt: skip
     print(table.drop(columns=["key"]).to_string(index=False))
     names = list(spec["grid"])
     metrics = [

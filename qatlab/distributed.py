@@ -11,6 +11,10 @@ Launch (gloo on CPU, nccl on GPU)::
 
     torchrun --standalone --nproc_per_node=2 -m qatlab.distributed --config run.json --out build/ddp
 
+    # several machines: the same command on each node, all naming one node's address (c10d rendezvous)
+    torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=qat1 \
+        -m qatlab.distributed --config run.json --out build/ddp
+
 ``run.json`` holds a :class:`RunConfig` (``RunConfig().to_json()`` writes one); :func:`launch` does all of it
 from Python and returns the result, and ``world_size=1`` (plain ``python -m qatlab.distributed``) is the
 single-process run at the same global batch, for comparison. Rank 0 shows progress, writes a checkpoint and the
@@ -346,30 +350,44 @@ def launch(
     timeout: float = 1800,
     threads: int | None = None,
     echo: bool = True,
-) -> dict[str, Any]:
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "qatlab",
+    local_addr: str | None = None,
+) -> dict[str, Any] | None:
     """Run :func:`run` in ``nproc`` processes with ``torchrun`` (``nproc=1``: one plain process) and return
     ``result.json``.
 
     The output is streamed (rank 0's progress); on failure the error carries the last lines of the log.
     ``threads`` per process defaults to the CPU count divided by ``nproc`` (at least 1), so that N processes
     on a small machine do not fight over cores.
+
+    Several machines: call it on each of ``nnodes`` nodes with the same ``rdzv_endpoint`` (``"host:port"`` of
+    one of them, which hosts torchrun's c10d rendezvous) and ``rdzv_id``; ``local_addr`` is the address this
+    node is reached at (default: its host name). Ranks are given out at the rendezvous; the node that gets
+    rank 0 writes the run's files to its ``out_dir`` and returns the result, the others return None (on a
+    shared folder, every node returns it).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc={nproc!r} must be a positive int (processes to start)")
+    if not isinstance(nnodes, int) or nnodes < 1:
+        raise ValueError(f"nnodes={nnodes!r} must be a positive int (machines taking part)")
+    if nnodes > 1 and (not isinstance(rdzv_endpoint, str) or not rdzv_endpoint.rpartition(":")[2].isdigit()):
+        raise ValueError(
+            f"nnodes={nnodes} needs rdzv_endpoint='host:port' (one node's address, the same on every node), "
+            f"got {rdzv_endpoint!r}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
     config_path = cfg.to_json(out / "run.json")
     entry = ["-m", "qatlab.distributed", "--config", str(config_path), "--out", str(out)]
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            *entry,
-        ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes > 1:
+        cmd = [*torchrun, f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+               f"--rdzv-id={rdzv_id}", *([f"--local-addr={local_addr}"] if local_addr else []), *entry]  # fmt: skip
+    elif nproc > 1:
+        cmd = [*torchrun, "--standalone", *entry]
     else:
         cmd = [sys.executable, *entry]
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
@@ -386,8 +404,10 @@ def launch(
                 proc.kill()
                 raise TimeoutError(f"distributed run exceeded {timeout} s; log tail:\n{''.join(lines[-30:])}")
         code = proc.wait()
-    if code != 0 or not (out / "result.json").exists():
+    if code != 0 or (nnodes == 1 and not (out / "result.json").exists()):
         raise RuntimeError(f"distributed run failed (exit {code}): {' '.join(cmd)}\n{''.join(lines[-40:])}")
+    if not (out / "result.json").exists():
+        return None  # rank 0 ran on another node
     return json.loads((out / "result.json").read_text())
 
 

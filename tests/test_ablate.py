@@ -4,6 +4,8 @@ results at every moment, same numbers in parallel, determinism, and the command 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,18 @@ def square_run(config, seed):
     if (calls.parent / f"interrupt-{config['x']}").exists():
         raise KeyboardInterrupt
     return {"y": config["x"] ** 2 + seed, "half": config["x"] / 2}
+
+
+def killing_run(config, seed):
+    """square_run, but the first run that finds the kill-<x> marker takes its marker and kills its own process:
+    on a Dask cluster, a worker lost mid-run."""
+    marker = Path(config["calls"]).parent / f"kill-{config['x']}"
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return square_run(config, seed)
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
 
 
 def _successes(calls: Path) -> dict[str, int]:
@@ -144,3 +158,91 @@ def test_a_list_of_grids_runs_each_once_in_one_table(tmp_path):
     assert len(table) == 4 and sorted(table["y"]) == [1, 4, 4, 9]
     assert table["tag"].isna().sum() == 2  # a knob absent from a grid is an empty cell
     assert sum(_successes(tmp_path / "calls").values()) == 4
+
+
+def test_stale_records_are_run_again(tmp_path, monkeypatch):
+    """A record is reused only while the run version holds: a change of the qatlab source that computes numbers
+    (store.source_hash), or QATLAB_RECOMPUTE=1, runs every run again; the table has the current runs only."""
+    import qatlab.store
+
+    calls = tmp_path / "calls"
+    grid = {"x": [1, 2], "calls": [str(calls)]}
+    first = ab.ablate(grid, square_run, tmp_path / "out", workers=1, progress=False)
+    v0 = ab.run_version(square_run)
+    assert {r["version"] for r in ab.load_records(tmp_path / "out")} == {v0}
+    assert ab.load_records(tmp_path / "out")[0]["run"] == f"{__name__}:square_run"
+    ab.ablate(grid, square_run, tmp_path / "out", workers=1, progress=False)
+    assert sum(_successes(calls).values()) == 2  # current: nothing runs
+    monkeypatch.setattr(qatlab.store, "source_hash", lambda: "another qatlab source")
+    v1 = ab.run_version(square_run)
+    assert v1 != v0 and ab.load_results(tmp_path / "out", square_run).empty  # the records are stale now
+    again = ab.ablate(grid, square_run, tmp_path / "out", workers=1, progress=False)
+    assert set(_successes(calls).values()) == {2}  # every run again, once
+    cols = ["x", "seed", "y", "half"]
+    assert again[cols].equals(first[cols])
+    assert {r["version"] for r in ab.load_records(tmp_path / "out")} == {v1}
+    assert ab.run_version(ab.digits_qat_run) != ab.run_version(square_run)  # the function is in the version
+    monkeypatch.setenv("QATLAB_RECOMPUTE", "1")
+    ab.ablate(grid, square_run, tmp_path / "out", workers=1, progress=False)
+    assert set(_successes(calls).values()) == {3}
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A real Dask cluster on this machine: a scheduler and 2 worker processes (each with a nanny that restarts
+    it) on 127.0.0.1."""
+    distributed = pytest.importorskip("distributed", reason="Dask's distributed is installed by make setup")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:  # fmt: skip
+        yield cluster
+
+
+def test_dask_cluster_same_table_each_run_once_after_a_killed_worker(tmp_path, dask_cluster):
+    grid = {"x": [1, 2, 3], "calls": [str(tmp_path / "local" / "calls")]}
+    local = ab.ablate(grid, square_run, tmp_path / "local" / "out", seeds=(0, 1), workers=2, progress=False)
+    calls = tmp_path / "dask" / "calls"
+    calls.mkdir(parents=True)
+    (calls.parent / "kill-2").touch()  # the first x=2 run kills its worker mid-run
+    table = ab.ablate({"x": [1, 2, 3], "calls": [str(calls)]}, killing_run, tmp_path / "dask" / "out",
+                      seeds=(0, 1), scheduler=dask_cluster.scheduler_address, progress=False)  # fmt: skip
+    assert not (calls.parent / "kill-2").exists()  # a worker did die
+    cols = ["x", "seed", "y", "half"]
+    assert table[cols].equals(local[cols])  # the same table as the local pool, in the grid's order
+    counts = _successes(calls)
+    assert len(counts) == 6 and set(counts.values()) == {1}  # each run finished exactly once
+    assert len(pd.read_csv(tmp_path / "dask" / "out" / "results.csv")) == 6
+
+    # resume as with the local pool: a run that fails is saved as missing; the next call runs only it
+    (calls.parent / "crash-4").touch()
+    grid = {"x": [1, 2, 3, 4, 5], "calls": [str(calls)]}
+    with pytest.raises(RuntimeError, match="2 of 4 runs failed"):
+        ab.ablate(grid, killing_run, tmp_path / "dask" / "out", seeds=(0, 1),
+                  scheduler=dask_cluster.scheduler_address, progress=False)  # fmt: skip
+    # x=5 finished, x=1..3 were done before
+    assert len(pd.read_csv(tmp_path / "dask" / "out" / "results.csv")) == 8
+    (calls.parent / "crash-4").unlink()
+    assert len(ab.ablate(grid, killing_run, tmp_path / "dask" / "out", seeds=(0, 1),
+                         scheduler=dask_cluster.scheduler_address, progress=False)) == 10  # fmt: skip
+    counts = _successes(calls)
+    assert counts.pop("4-0") == 2 and counts.pop("4-1") == 2  # the failed runs: failed, then retried
+    assert len(counts) == 8 and set(counts.values()) == {1}  # every other run exactly once
+
+
+def test_dask_command_line_and_bad_input(tmp_path, dask_cluster):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"run": "qatlab.ablate:digits_qat_run", "seeds": [0],
+                                "grid": {"bits": [8, 2], "steps": [5]}}))  # fmt: skip
+    out = tmp_path / "out"
+    assert (
+        cli_main(["ablate", str(grid), "--out", str(out), "--scheduler", dask_cluster.scheduler_address]) == 0
+    )
+    table = pd.read_csv(out / "results.csv")
+    here = ab.ablate({"bits": [8, 2], "steps": [5]}, ab.digits_qat_run, tmp_path / "here", workers=1,
+                     progress=False)  # fmt: skip
+    cols = ["bits", "float_acc", "ptq_acc", "qat_acc"]
+    assert table[cols].equals(here[cols])  # a cluster worker computes the numbers this process does
+    with pytest.raises(ValueError, match="not both"):
+        ab.ablate({"x": [1]}, square_run, tmp_path / "x", executor=object(), scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="scheduler must be"):
+        ab.ablate({"x": [1, 2], "calls": [str(tmp_path / "c")]}, square_run, tmp_path / "y",
+                  scheduler="localhost", progress=False)  # fmt: skip

@@ -175,3 +175,37 @@ def test_frozen_bn_makes_two_ranks_one_process_for_a_cnn(tmp_path):
     assert frozen["f2"]["acc"] == frozen["f1"]["acc"] and live["rank_differences"]["bn"] > 0
     with pytest.raises(ValueError, match="freeze_bn_epoch=-1"):
         RunConfig(freeze_bn_epoch=-1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_the_c10d_rendezvous_equal_two_processes_on_one(tmp_path):
+    """Multi-node as on a cluster: two torchrun launches (2 nodes x 1 process, --rdzv-backend=c10d on
+    127.0.0.1), each with its own output folder. The ranks hold identical weights and scales, and the run is
+    the 2-process --standalone run, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = _cfg(export=False, epochs=1)
+    standalone = launch(cfg, tmp_path / "standalone", nproc=2, threads=1, echo=False)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    with ThreadPoolExecutor(2) as pool:
+        nodes = list(pool.map(lambda node: launch(cfg, tmp_path / node, nproc=1, threads=1, echo=False, nnodes=2,
+                                                  rdzv_endpoint=endpoint, rdzv_id="test", local_addr="127.0.0.1"),
+                              ("node_a", "node_b")))  # fmt: skip
+    assert sum(r is not None for r in nodes) == 1  # rank 0 ran on one node; its folder has the run
+    result = next(r for r in nodes if r is not None)
+    home = tmp_path / ("node_a" if nodes[0] is not None else "node_b")
+    assert result["world_size"] == 2 and result["backend"] == "gloo"
+    assert result["rank_differences"] == {"param": 0.0, "range": 0.0, "qparams": 0.0, "bn": 0.0}
+    a = torch.load(home / "qat_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "standalone" / "qat_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result["acc"] == standalone["acc"] and result["ptq_acc"] == standalone["ptq_acc"]
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        launch(cfg, tmp_path / "x", nproc=1, nnodes=2)
