@@ -11,6 +11,7 @@ Usage: ``python bench/bench_train_step.py [--steps N] [--no-references]``.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -28,15 +29,25 @@ from qatlab.models import build_model
 os.environ.setdefault("QATLAB_COMPILE", "1")
 
 
-def _step_fn(model, x, y):
+COMPILE_SECONDS: dict[str, float] = {}  # variant -> seconds its first (compiling) step took
+
+
+def _step_fn(model, x, y, compiled: str | None = None):
+    """One SGD step; ``compiled``: the variant's name, its forward through ``torch.compile`` (as
+    ``fit(compile=True)`` runs it), compiled here by a first step whose time is recorded."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
+    forward = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(forward(x), y).backward()
         opt.step()
 
+    if compiled:
+        t0 = time.perf_counter()
+        step()
+        COMPILE_SECONDS[compiled] = time.perf_counter() - t0
     return step
 
 
@@ -49,6 +60,13 @@ def variants(model_name: str, x, y, references: bool) -> tuple[dict, dict]:
         cfg = QATConfig(weight=QuantSpec(bits=8, symmetric=True, per_channel=True), bn_mode=bn_mode)
         qat = qatlab.calibrate(qatlab.prepare_qat(fp32, cfg), [x]).train()
         steps[f"qatlab (BN {bn_mode})"] = _step_fn(qat, x, y)
+    # fit(compile=True): compiled once no range moves (observers frozen, or LSQ/PACT scales after calibration)
+    cfg = QATConfig(weight=QuantSpec(bits=8, symmetric=True, per_channel=True))
+    frozen = qatlab.prepare.freeze_observers(qatlab.calibrate(qatlab.prepare_qat(fp32, cfg), [x]).train())
+    steps["qatlab (BN simulate), observers frozen"] = _step_fn(frozen, x, y)
+    name = "qatlab (BN simulate), observers frozen, compiled"
+    steps[name] = _step_fn(copy.deepcopy(frozen), x, y, compiled=f"{model_name}: {name}")
+    steps["FP32 compiled"] = _step_fn(copy.deepcopy(fp32), x, y, compiled=f"{model_name}: FP32 compiled")
     missing = {}
     if references:
         from references import reference_steps
@@ -99,6 +117,8 @@ def main() -> None:
                 lines.append(
                     f"| {model_name} | {threads} | {name} | {1e3 * t:.2f} | {t / med['FP32']:.2f}x |"
                 )
+    lines += ["", "First (compiling) step of the compiled variants, s: "
+              + "; ".join(f"{k} {v:.1f}" for k, v in COMPILE_SECONDS.items())]  # fmt: skip
     if notes:
         lines += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in notes.items()]
     save_report(lines, "train_step")

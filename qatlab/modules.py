@@ -73,6 +73,12 @@ class FakeQuantizer(nn.Module):
         self.scale.data.copy_(s.to(self.scale.device))
         self.zero_point.copy_(z.to(self.zero_point.device))
 
+    @property
+    def updates_in_training(self) -> bool:
+        """Whether a training-mode forward changes this quantizer's state (its range, or a dynamic quantizer's
+        last scale): False once observers are frozen, or for a learned scale after calibration."""
+        return self.dynamic or (self.observer_enabled and not (self.spec.learned and self.calibrated))
+
     def forward(self, x: Tensor) -> Tensor:
         # Ranges move only while calibrating or training, never in an eval pass (evaluating a model must not
         # change it). A learned scale is initialised by the observer (calibration, or the first training

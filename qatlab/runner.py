@@ -7,6 +7,11 @@ checkpoints a notebook writes land there, and saves the executed notebook and an
 ``BUILD_DIR/summary.md`` and ``summary.csv`` list each notebook's status and wall time. Files are written
 atomically (temporary file, then rename): an interrupted run never leaves a half-written notebook.
 
+A notebook that ran ok is not run again while nothing it depends on changed (:func:`notebook_key`: its cells,
+every qatlab module, the mode, the versions of Python and the numeric packages, ``QATLAB_DATA``): its rendered
+copy, claims and files are kept, and the summary says ``reused``. ``QATLAB_RECOMPUTE=1`` runs every notebook
+(and every QAT run) again. Within a notebook that does run, QAT runs come from the run store (:mod:`qatlab.store`).
+
 The saved copies are read without a kernel (the HTML offline, the .ipynb in viewers without widget support), where
 an explorer would show as ``VBox(...)``: :func:`static_widget_fallback` gives each explorer's output the text
 it printed and its figure as plain text and PNG, and the HTML copy shows those.
@@ -15,6 +20,8 @@ it printed and its figure as plain text and PNG, and the HTML copy shows those.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import sys
@@ -31,6 +38,7 @@ class NotebookResult:
     status: str
     seconds: float
     error: str = ""
+    reused: bool = False  # not run: nothing it depends on changed since the run that took ``seconds``
 
 
 def _describe(exc: Exception) -> str:
@@ -158,16 +166,83 @@ def run_notebook(src: Path, build_dir: Path, timeout: int = 1800, fast: bool = F
     return NotebookResult(src.name, status, round(seconds, 1), error)
 
 
+# the packages whose versions change what a notebook computes or shows
+KEY_PACKAGES = (
+    "torch",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "transformers",
+    "matplotlib",
+    "pandas",
+    "scikit-learn",
+)
+
+
+def notebook_key(src: Path, fast: bool) -> str:
+    """What a notebook's rendered output depends on, as a SHA-256: its cells (not their outputs), every qatlab
+    module (:func:`qatlab.store.source_hash` with presentation), fast or full mode, Python's and the numeric
+    packages' versions, and ``QATLAB_DATA``. Data set files and checkpoints are fixed by those."""
+    from importlib import metadata
+
+    import nbformat
+
+    from qatlab.store import source_hash
+
+    nb = nbformat.read(src, as_version=4)
+    versions = {}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    payload = {
+        "cells": [(c.cell_type, c.source) for c in nb.cells],
+        "qatlab": source_hash(presentation=True),
+        "fast": fast,
+        "python": sys.version,
+        "versions": versions,
+        "data": os.environ.get("QATLAB_DATA", ""),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp_path(build_dir: Path, src: Path) -> Path:
+    return build_dir / "notebooks" / f"{src.stem}.run.json"
+
+
+def reusable(src: Path, build_dir: Path, fast: bool) -> NotebookResult | None:
+    """The last ok run of ``src`` in ``build_dir`` when its :func:`notebook_key` still holds and its rendered
+    copy is there; None when it must run (or ``QATLAB_RECOMPUTE=1``)."""
+    from qatlab.store import recompute
+
+    stamp = _stamp_path(build_dir, src)
+    if recompute() or not stamp.is_file() or not (build_dir / "notebooks" / src.name).is_file():
+        return None
+    try:
+        last = json.loads(stamp.read_text())
+    except json.JSONDecodeError:
+        return None
+    if last.get("key") != notebook_key(src, fast):
+        return None
+    return NotebookResult(src.name, "ok", float(last["seconds"]), reused=True)
+
+
 def write_summary(results: list[NotebookResult], build_dir: Path) -> Path:
     """``summary.md`` (a table a person reads) and ``summary.csv`` (for tools)."""
     lines = ["| notebook | status | seconds | error |", "|---|---|---:|---|"]
-    csv = ["notebook,status,seconds,error"]
+    csv = ["notebook,status,seconds,error,reused"]
     for r in results:
-        lines.append(f"| {r.notebook} | {r.status} | {r.seconds:.1f} | {r.error.replace('|', '/')} |")
-        csv.append(f'{r.notebook},{r.status},{r.seconds:.1f},"{r.error.replace(chr(34), chr(39))}"')
-    total = sum(r.seconds for r in results)
+        status = "ok (reused: unchanged)" if r.reused else r.status
+        lines.append(f"| {r.notebook} | {status} | {r.seconds:.1f} | {r.error.replace('|', '/')} |")
+        csv.append(
+            f'{r.notebook},{r.status},{r.seconds:.1f},"{r.error.replace(chr(34), chr(39))}",{int(r.reused)}'
+        )
+    ran = [r for r in results if not r.reused]
     lines.append(
-        f"\n{sum(r.status == 'ok' for r in results)}/{len(results)} notebooks ok, {total:.1f} s in total."
+        f"\n{sum(r.status == 'ok' for r in results)}/{len(results)} notebooks ok; {len(ran)} ran, in "
+        f"{sum(r.seconds for r in ran):.1f} s; {len(results) - len(ran)} reused (their last runs took "
+        f"{sum(r.seconds for r in results if r.reused):.1f} s)."
     )
     write_atomic(build_dir / "summary.csv", "\n".join(csv) + "\n")
     path = build_dir / "summary.md"
@@ -193,9 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for src in sources:
+        r = reusable(src, args.build, args.fast)
+        if r is not None:
+            print(f"{src.name}: unchanged since its last ok run ({r.seconds:.1f} s), reused", flush=True)
+            results.append(r)
+            continue
         print(f"running {src.name} ...", flush=True)
+        key = notebook_key(src, args.fast)  # before it runs: an edit during the run makes the next one rerun
+        stamp = _stamp_path(args.build, src)
+        stamp.unlink(missing_ok=True)
         r = run_notebook(src, args.build, timeout=args.timeout, fast=args.fast)
         print(f"  {r.status} in {r.seconds:.1f} s {r.error}", flush=True)
+        if r.status == "ok":
+            write_atomic(stamp, json.dumps({"key": key, "seconds": r.seconds, "finished": time.time()}))
         import nbformat
 
         for defect in output_defects(nbformat.read(args.build / "notebooks" / src.name, as_version=4)):

@@ -64,11 +64,12 @@ def _env_flag(name: str) -> bool:
 
 
 @functools.cache
-def source_hash() -> str:
-    """SHA-256 of the qatlab modules that compute numbers (every ``qatlab/*.py`` but :data:`PRESENTATION`)."""
+def source_hash(presentation: bool = False) -> str:
+    """SHA-256 of the qatlab modules that compute numbers (every ``qatlab/*.py`` but :data:`PRESENTATION`), or
+    with ``presentation=True`` of every module (what a rendered notebook depends on: its figures too)."""
     h = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        if path.stem in PRESENTATION:
+        if path.stem in PRESENTATION and not presentation:
             continue
         h.update(path.name.encode())
         h.update(path.read_bytes())

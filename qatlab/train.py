@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from qatlab.config import check_choice, progress_bar
 from qatlab.data import reseed
-from qatlab.prepare import freeze_bn_stats, freeze_observers
+from qatlab.prepare import freeze_bn_stats, freeze_observers, quantizers
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "lr_max", "bn_frozen",
                    "observers_frozen", "time_s")  # fmt: skip
@@ -304,7 +304,7 @@ def fit(
     progress: bool = True, loss_fn: LossFn | None = None, max_steps_per_epoch: int | None = None,
     on_epoch_start: Callable[[int, nn.Module], None] | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
-    teacher: nn.Module | None = None, distill: Distill | None = None,
+    teacher: nn.Module | None = None, distill: Distill | None = None, compile: bool = False,
 ) -> pd.DataFrame:  # fmt: skip
     """Train `model` in place (moved to `device`, left in train mode) and return its history.
 
@@ -326,6 +326,13 @@ def fit(
     distillation at temperature 2). The teacher is moved to `device`; its parameters are not touched and each of
     its modules' train/eval flags is restored after fit. Validation stays the plain `loss_fn`, so val_loss
     compares across runs with and without a teacher.
+
+    `compile=True` runs the training forward (and so its backward) through `torch.compile` in the epochs where
+    no quantizer changes its state in training: observers frozen (`freeze_observer_epoch`, or before fit),
+    or learned scales (LSQ, PACT) after calibration. Epochs with live observers stay eager (a compiled graph
+    that saves a range and then updates it fails in the backward). Compiling costs a few seconds per process
+    and pays back over a few hundred steps (`bench/bench_train_step.py`); the numbers agree with eager ones up
+    to float rounding (the compiler fuses BatchNorm and activations its own way).
 
     Args:
         teacher: the model to distill from, or None to train on `loss_fn` alone; not `model` itself and
@@ -361,6 +368,8 @@ def fit(
         if value is not None:
             _check_int(name, value, minimum)
     distill = _check_teacher(model, teacher, distill)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
 
     steps = _steps_per_epoch(train_loader, max_steps_per_epoch)
     device = torch.device(device)
@@ -380,6 +389,7 @@ def fit(
 
     rows: list[dict[str, Any]] = []
     bn_frozen = observers_frozen = False
+    compiled = None  # the model through torch.compile, made at the first epoch that may use it
     bar = progress_bar(range(epochs), desc="fit", unit="epoch", progress=progress)
     try:
         for epoch in bar:
@@ -392,8 +402,12 @@ def fit(
                 observers_frozen = True
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
+            forward = model
+            if compile and not any(q.updates_in_training for _, q in quantizers(model)):
+                compiled = compiled if compiled is not None else torch.compile(model)
+                forward = compiled
             train_loss, train_acc, lr_used, lr_max = _train_epoch(
-                model, train_loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher, distill
+                forward, train_loader, opt, sched, loss_fn, device, steps, epoch, progress, teacher, distill
             )
             val = _NO_VAL if val_loader is None else evaluate(model, val_loader, device, loss_fn)
             values = (epoch + 1, train_loss, train_acc, val["loss"], val["acc"], lr_used, lr_max)

@@ -35,6 +35,38 @@ def test_runs_notebooks_and_writes_summary(tmp_path):
     assert not list(build.rglob("*.tmp"))
 
 
+def test_a_notebook_runs_again_only_when_something_it_depends_on_changed(tmp_path, monkeypatch):
+    nbs, build = tmp_path / "nbs", tmp_path / "build"
+    nbs.mkdir()
+    count = "open('runs.txt', 'a').write('x')\nlen(open('runs.txt').read())"
+    _write(nbs / "01_ok.ipynb", count)
+    _write(nbs / "02_bad.ipynb", "assert False, 'claim failed'")
+
+    def runs():
+        return len((build / "runs.txt").read_text())
+
+    monkeypatch.delenv("QATLAB_RECOMPUTE", raising=False)
+    assert main([str(nbs), str(build), "--fast"]) == 1 and runs() == 1
+    assert main([str(nbs), str(build), "--fast"]) == 1 and runs() == 1  # unchanged: reused, not run
+    summary = (build / "summary.csv").read_text().splitlines()
+    assert summary[1].startswith("01_ok.ipynb,ok,") and summary[1].endswith(",1")  # reused
+    assert summary[2].startswith("02_bad.ipynb,failed,") and summary[2].endswith(",0")  # a failure runs again
+    assert "1 ran" in (build / "summary.md").read_text() and "1 reused" in (build / "summary.md").read_text()
+    done = nbformat.read(build / "notebooks" / "01_ok.ipynb", as_version=4)
+    assert done.cells[0].outputs[0]["data"]["text/plain"] == "1"  # the rendered copy of the run that counted
+    assert main([str(nbs), str(build)]) == 1 and runs() == 2  # full mode is another key
+    _write(nbs / "01_ok.ipynb", count, "1 + 1")  # an edited notebook
+    assert main([str(nbs), str(build)]) == 1 and runs() == 3
+    assert main([str(nbs), str(build)]) == 1 and runs() == 3
+    monkeypatch.setenv("QATLAB_RECOMPUTE", "1")
+    assert main([str(nbs), str(build)]) == 1 and runs() == 4
+    monkeypatch.delenv("QATLAB_RECOMPUTE")
+    import qatlab.store
+
+    monkeypatch.setattr(qatlab.store, "source_hash", lambda presentation=False: "other qatlab code")
+    assert main([str(nbs), str(build)]) == 1 and runs() == 5
+
+
 def test_no_notebooks_is_not_an_error(tmp_path, capsys):
     (tmp_path / "nbs").mkdir()
     assert main([str(tmp_path / "nbs"), str(tmp_path / "build")]) == 0
