@@ -79,6 +79,15 @@ class FakeQuantizer(nn.Module):
         last scale): False once observers are frozen, or for a learned scale after calibration."""
         return self.dynamic or (self.observer_enabled and not (self.spec.learned and self.calibrated))
 
+    @property
+    def compiles_in_training(self) -> bool:
+        """Whether a training-mode forward compiles as one graph: no state changes, or an integer grid whose
+        observer updates without data-dependent branches (:attr:`qatlab.observers.Observer.compiles`)."""
+        if not self.updates_in_training:
+            return True
+        observer = self.observer
+        return not self.dynamic and self.spec.is_integer and observer.compiles and not observer.sync_ranks
+
     def forward(self, x: Tensor) -> Tensor:
         # Ranges move only while calibrating or training, never in an eval pass (evaluating a model must not
         # change it). A learned scale is initialised by the observer (calibration, or the first training

@@ -57,6 +57,12 @@ def _sync_range(lo: Tensor, hi: Tensor, average: bool) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
+NOT_FINITE = (
+    "observed data contains NaN or inf; quantization ranges must be finite "
+    "(check the calibration data and the model's float outputs)"
+)
+
+
 class Observer(nn.Module):
     """Base observer: keeps ``min_val``/``max_val`` buffers ((1,) per tensor, (C,) per channel).
 
@@ -70,6 +76,10 @@ class Observer(nn.Module):
 
     sync_ranks: bool = False
     _averages_batches: bool = False
+    # its update compiles as one graph (fit(compile=True) compiles a training step only when every live
+    # observer's does): the running min/max and the moving average; the averaging observers count batches
+    # with a Python float, and percentile/MSE search per batch
+    compiles: bool = False
 
     def __init__(self, spec: QuantSpec, num_channels: int | None = None) -> None:
         super().__init__()
@@ -125,11 +135,10 @@ class Observer(nn.Module):
         else:
             rows = data
             lo, hi = (t.reshape(1) for t in torch.aminmax(data))
+        if torch.compiler.is_compiling():  # inside a compiled training step: no data-dependent branch
+            return self._compiled_forward(x, rows, lo, hi)
         if not bool(torch.isfinite(torch.cat([lo, hi])).all()):
-            raise ValueError(
-                "observed data contains NaN or inf; quantization ranges must be finite "
-                "(check the calibration data and the model's float outputs)"
-            )
+            raise ValueError(NOT_FINITE)
         lo, hi = self._batch_range(rows, lo, hi)
         if self.sync_ranks:
             lo, hi = _sync_range(lo, hi, self._averages_batches)
@@ -142,9 +151,22 @@ class Observer(nn.Module):
         self.num_batches += 1
         return x
 
+    def _compiled_forward(self, x: Tensor, rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """:meth:`forward` as one graph (``fit(compile=True)``): the NaN check asserts inside the compiled code,
+        and a first batch starts from its own range (which the rules of the observers that set :attr:`compiles`,
+        the running min/max and the moving average, then keep when they merge it)."""
+        torch._assert_async(torch.isfinite(torch.cat([lo, hi])).all(), NOT_FINITE)
+        lo, hi = self._batch_range(rows, lo, hi)
+        self.min_val.copy_(torch.where(self.initialized, self.min_val, lo))
+        self.max_val.copy_(torch.where(self.initialized, self.max_val, hi))
+        self._combine(lo, hi)
+        self.initialized.fill_(True)
+        self.num_batches += 1
+        return x
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         """(scale, zero_point) for the observed range; raises if nothing was observed yet."""
-        if not bool(self.initialized):
+        if not torch.compiler.is_compiling() and not bool(self.initialized):
             raise RuntimeError(
                 "observer has seen no data, so there is no range to quantize with: run calibrate(model, loader) "
                 "or a training step with observers enabled first"
@@ -167,9 +189,13 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """Running min and max over everything seen."""
 
+    compiles = True
+
 
 class EMAObserver(Observer):
     """Exponential moving average of batch min/max: ``r <- r + c * (r_batch - r)``."""
+
+    compiles = True
 
     def _combine(self, lo: Tensor, hi: Tensor) -> None:
         c = self.spec.averaging_constant

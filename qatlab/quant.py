@@ -264,7 +264,9 @@ def fake_quant(
         grad_factor = lsq_grad_factor(x, spec) if spec.ste == "lsq" else 1.0
     if axis >= 0:
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
-    op = _fake_quant_op if torch.compiler.is_compiling() else _FakeQuant.apply
+    # export captures the custom op (the exporter turns it into Q/DQ); eager training and a compiled training
+    # step (fit(compile=True)) run the autograd function, which the compiler traces and fuses with its neighbours
+    op = _fake_quant_op if torch.compiler.is_exporting() else _FakeQuant.apply
     return op(x, scale, zero_point, spec.qmin, spec.qmax, axis, _STE_CODE[spec.ste], float(grad_factor))
 
 

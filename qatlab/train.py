@@ -328,11 +328,11 @@ def fit(
     compares across runs with and without a teacher.
 
     `compile=True` runs the training forward (and so its backward) through `torch.compile` in the epochs where
-    no quantizer changes its state in training: observers frozen (`freeze_observer_epoch`, or before fit),
-    or learned scales (LSQ, PACT) after calibration. Epochs with live observers stay eager (a compiled graph
-    that saves a range and then updates it fails in the backward). Compiling costs a few seconds per process
-    and pays back over a few hundred steps (`bench/bench_train_step.py`); the numbers agree with eager ones up
-    to float rounding (the compiler fuses BatchNorm and activations its own way).
+    every quantizer compiles as one graph: frozen ranges, learned scales (LSQ, PACT) after calibration, and
+    live min-max or moving-average observers; epochs with other live observers (percentile, MSE, the
+    averaging ones, synced ranks, dynamic or non-integer quantizers) stay eager. Compiling costs seconds per
+    model and process and pays back over a few hundred steps (`bench/bench_train_step.py`); the numbers agree
+    with eager ones up to float rounding (the compiler fuses BatchNorm and activations its own way).
 
     Args:
         teacher: the model to distill from, or None to train on `loss_fn` alone; not `model` itself and
@@ -403,7 +403,7 @@ def fit(
             if on_epoch_start is not None:
                 on_epoch_start(epoch, model)
             forward = model
-            if compile and not any(q.updates_in_training for _, q in quantizers(model)):
+            if compile and all(q.compiles_in_training for _, q in quantizers(model)):
                 compiled = compiled if compiled is not None else torch.compile(model)
                 forward = compiled
             train_loss, train_acc, lr_used, lr_max = _train_epoch(

@@ -483,3 +483,20 @@ def test_sync_ranks_outside_a_process_group_changes_nothing():
         a(x)
         b(x)
     assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, EMAObserver])
+def test_compiling_observers_update_as_eager_in_one_graph_and_reject_nan(cls):
+    """fit(compile=True) needs the min-max and moving-average updates as one graph (fullgraph: no break at the
+    first batch or the NaN check); they give eager's ranges bit for bit, and NaN still raises."""
+    compiled_observer, eager = cls(QuantSpec(bits=8)), cls(QuantSpec(bits=8))
+    compiled = torch.compile(compiled_observer, fullgraph=True)
+    assert cls.compiles
+    for batch in (torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 1.0]), torch.tensor([0.5, 4.0])):
+        compiled(batch)
+        eager(batch)
+    for name in ("min_val", "max_val", "num_batches", "initialized"):
+        assert torch.equal(getattr(compiled_observer, name), getattr(eager, name)), name
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        compiled(torch.tensor([float("nan"), 1.0]))
+    assert not PercentileObserver.compiles and not MSEObserver.compiles
