@@ -19,7 +19,8 @@ def save_report(lines: list[str], name: str) -> Path:
 # faults (measured: 2,600 per FP32 step of the lab CNN, about 5 ms) that a training loop on one model does not.
 # A fixed threshold (glibc's maximum, 32 MiB) and a high trim threshold give the benchmark the allocator state of
 # a real training run (0 to 8 faults per step in qatlab.fit, with or without these settings).
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# (the notebook runner gives its kernels the same settings)
+from qatlab.runner import STEADY_MALLOC  # noqa: E402
 
 
 def steady_allocator() -> None:

@@ -67,6 +67,23 @@ def test_a_notebook_runs_again_only_when_something_it_depends_on_changed(tmp_pat
     assert main([str(nbs), str(build)]) == 1 and runs() == 5
 
 
+def test_kernels_get_steady_malloc_settings_unless_set(tmp_path, monkeypatch):
+    from qatlab.runner import STEADY_MALLOC
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write(nbs / "01_env.ipynb", "import os, json\njson.dump({k: os.environ.get(k) for k in "
+           f"{sorted(STEADY_MALLOC)!r}}}, open('env.json', 'w'))")  # fmt: skip
+    monkeypatch.setenv("QATLAB_RECOMPUTE", "1")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")  # the user's own setting wins
+    assert main([str(nbs), str(tmp_path / "build"), "--fast"]) == 0
+    import json
+
+    seen = json.loads((tmp_path / "build" / "env.json").read_text())
+    assert seen == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": "123"}
+
+
 def test_no_notebooks_is_not_an_error(tmp_path, capsys):
     (tmp_path / "nbs").mkdir()
     assert main([str(tmp_path / "nbs"), str(tmp_path / "build")]) == 0
