@@ -128,9 +128,8 @@ def _call(run_fn: RunFn, config: dict[str, Any], seed: int, path: Path | None = 
     """One run, where the executor put it. With ``path`` (the run's record) a current record there is returned
     as it is (a cluster recomputes a result lost with its worker: the run is not done twice), and a new one is
     written there when its folder exists here (a folder shared with the caller; the caller writes it too)."""
-    version = run_version(
-        run_fn
-    )  # as this worker computes it: one with other qatlab code is caught by the caller
+    # the version as this worker computes it: one with other qatlab code is caught by the caller
+    version = run_version(run_fn)
     if path is not None and _finished(path, version):
         return json.loads(path.read_text())
     start = time.perf_counter()

@@ -94,9 +94,7 @@ class FakeQuantizer(nn.Module):
         # batch) and then belongs to the optimizer: observing again would undo the training.
         if self.dynamic:
             return self._dynamic(x)
-        observe = self.observer_enabled and (
-            self.calibrating or (self.training and not (self.spec.learned and self.calibrated))
-        )
+        observe = (self.calibrating and self.observer_enabled) or (self.training and self.updates_in_training)
         if observe:
             self.observer(x)
             self.update_qparams()

@@ -157,6 +157,8 @@ class Observer(nn.Module):
         the running min/max and the moving average, then keep when they merge it)."""
         torch._assert_async(torch.isfinite(torch.cat([lo, hi])).all(), NOT_FINITE)
         lo, hi = self._batch_range(rows, lo, hi)
+        if self.sync_ranks:  # a collective: the graph splits here, the ranges stay the global batch's
+            lo, hi = _sync_range(lo, hi, self._averages_batches)
         self.min_val.copy_(torch.where(self.initialized, self.min_val, lo))
         self.max_val.copy_(torch.where(self.initialized, self.max_val, hi))
         self._combine(lo, hi)

@@ -217,9 +217,9 @@ def _stamp_path(build_dir: Path, src: Path) -> Path:
     return build_dir / "notebooks" / f"{src.stem}.run.json"
 
 
-def reusable(src: Path, build_dir: Path, fast: bool) -> NotebookResult | None:
-    """The last ok run of ``src`` in ``build_dir`` when its :func:`notebook_key` still holds and its rendered
-    copy is there; None when it must run (or ``QATLAB_RECOMPUTE=1``)."""
+def reusable(src: Path, build_dir: Path, key: str) -> NotebookResult | None:
+    """The last ok run of ``src`` in ``build_dir`` when it had this :func:`notebook_key` and its rendered copy
+    is there; None when it must run (or ``QATLAB_RECOMPUTE=1``)."""
     from qatlab.store import recompute
 
     stamp = _stamp_path(build_dir, src)
@@ -229,7 +229,7 @@ def reusable(src: Path, build_dir: Path, fast: bool) -> NotebookResult | None:
         last = json.loads(stamp.read_text())
     except json.JSONDecodeError:
         return None
-    if last.get("key") != notebook_key(src, fast):
+    if last.get("key") != key:
         return None
     return NotebookResult(src.name, "ok", float(last["seconds"]), reused=True)
 
@@ -274,13 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for src in sources:
-        r = reusable(src, args.build, args.fast)
+        key = notebook_key(src, args.fast)  # before it runs: an edit during the run makes the next one rerun
+        r = reusable(src, args.build, key)
         if r is not None:
             print(f"{src.name}: unchanged since its last ok run ({r.seconds:.1f} s), reused", flush=True)
             results.append(r)
             continue
         print(f"running {src.name} ...", flush=True)
-        key = notebook_key(src, args.fast)  # before it runs: an edit during the run makes the next one rerun
         stamp = _stamp_path(args.build, src)
         stamp.unlink(missing_ok=True)
         r = run_notebook(src, args.build, timeout=args.timeout, fast=args.fast)

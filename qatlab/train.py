@@ -330,9 +330,10 @@ def fit(
     `compile=True` runs the training forward (and so its backward) through `torch.compile` in the epochs where
     every quantizer compiles as one graph: frozen ranges, learned scales (LSQ, PACT) after calibration, and
     live min-max or moving-average observers; epochs with other live observers (percentile, MSE, the
-    averaging ones, synced ranks, dynamic or non-integer quantizers) stay eager. Compiling costs seconds per
-    model and process and pays back over a few hundred steps (`bench/bench_train_step.py`); the numbers agree
-    with eager ones up to float rounding (the compiler fuses BatchNorm and activations its own way).
+    averaging ones, synced ranks, dynamic or non-integer quantizers) stay eager. Compiling costs 15-20 s for the
+    lab's CNNs on a 2-core CPU (about 3 s with a warm compiler cache) and pays back after thousands of steps
+    (`bench/bench_train_step.py`); the numbers agree with eager ones up to float rounding (the compiler fuses
+    BatchNorm and activations its own way).
 
     Args:
         teacher: the model to distill from, or None to train on `loss_fn` alone; not `model` itself and
