@@ -70,13 +70,22 @@ class TextClassifier(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=(input_ids != self.pad_token_id).long()).logits
 
 
+MINILM_LAYERS = 6  # encoder blocks of MiniLM-L6
+
+
 def load_minilm(
-    num_labels: int = 2, seed: int = 0, attn_implementation: str = "eager"
+    num_labels: int = 2, seed: int = 0, attn_implementation: str = "eager", layers: int | None = None
 ) -> tuple[TextClassifier, Any]:
     """The pretrained MiniLM-L6 encoder with a new classification head (seeded), and its tokenizer.
 
     Nothing is downloaded: the weights come from the model package and ``HF_HUB_OFFLINE=1`` is set.
+    ``layers``: keep only the first ``layers`` of the 6 pretrained encoder blocks (the notebooks' fast mode
+    uses 2: every kind of layer is still there, and exports and steps cost about a third); None keeps all.
     """
+    if layers is not None and (not isinstance(layers, int) or not 1 <= layers <= MINILM_LAYERS):
+        raise ValueError(
+            f"layers={layers!r} must be an int in [1, {MINILM_LAYERS}] or None (all {MINILM_LAYERS})"
+        )
     path = minilm_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -87,7 +96,10 @@ def load_minilm(
     hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, on purpose
     torch.manual_seed(seed)
     hf = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, attn_implementation=attn_implementation
+        path,
+        num_labels=num_labels,
+        attn_implementation=attn_implementation,
+        **({} if layers is None else {"num_hidden_layers": layers}),
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return TextClassifier(hf, tokenizer.pad_token_id).eval(), tokenizer

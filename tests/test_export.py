@@ -258,3 +258,29 @@ def test_deployment_table_sizes_kernels_and_speed(trained, digits, tmp_path):
     assert table.loc["w8a8", "integer_kernels"] > 0 and table.loc["w4a4", "integer_kernels"] == 0
     assert table.loc["w4a4", "float_gemms"] == table.loc["fp32", "float_gemms"] == len(convs)
     assert (table["ort_ms"] > 0).all() and (table["file_kB"] > 0).all()
+
+
+def test_torchlib_table_is_built_once_and_changes_no_byte(trained, digits, tmp_path, monkeypatch):
+    """Exports share one torchlib table per opset (it costs about 1 s to build): the files are byte for byte
+    those of an export that builds its own, qatlab's custom translations do not leak into the shared table,
+    and torch's registry is left as it was."""
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    import qatlab.export as ex
+
+    train, x_test = digits
+    q = qatlab.ptq(trained["cnn"], QATConfig(), train, num_batches=2)
+    before = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    monkeypatch.setattr(ex, "_TORCHLIB", {})
+    with monkeypatch.context() as m:
+        m.setattr(ex, "_torchlib_once", contextlib.nullcontext)
+        own = export_onnx(q, tmp_path / "own.onnx", x_test[:1]).read_bytes()
+    assert ex._TORCHLIB == {}
+    shared = [export_onnx(q, tmp_path / f"shared{i}.onnx", x_test[:1]).read_bytes() for i in range(2)]
+    assert shared[0] == own and shared[1] == own
+    assert len(ex._TORCHLIB) == 1
+    (table,) = ex._TORCHLIB.values()
+    assert not any("qatlab" in str(target) for target in table.functions)  # the per-call copy took them
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is before

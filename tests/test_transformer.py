@@ -20,10 +20,15 @@ needs_model = pytest.mark.skipif(
 )
 
 
+# the first 2 of MiniLM-L6's encoder blocks: every kind of layer the tests check, at about a third of the export
+# time (test_fewer_layers_keep_the_first_pretrained_blocks: the same weights as the full model's)
+LAYERS = 2
+
+
 @pytest.fixture(scope="module")
 def minilm():
     torch.manual_seed(0)
-    model, tok = tr.load_minilm(seed=0)
+    model, tok = tr.load_minilm(seed=0, layers=LAYERS)
     train_df, test_df = load_tweets(test_size=16, train_size=64, seed=0)
     train, test = tr.text_loaders(train_df, test_df, tok, max_length=24, batch_size=16)
     # a trained head: a random head gives near-tie logits (DESIGN.md), so train it briefly
@@ -80,7 +85,7 @@ def test_dynamic_and_static_qparams_on_two_batches():
 def test_prepare_quantizes_exactly_the_configured_linears(minilm):
     model, *_ = minilm
     names = tr.linear_names(model)
-    assert len(names) == 38
+    assert len(names) == 6 * LAYERS + 2  # Q, K, V, attention output, 2 FFN per block; pooler, head
     keep = ("hf.classifier", "hf.bert.pooler.dense")
     qat = qatlab.prepare_qat(model, tr.transformer_config(8, 8, keep=keep))
     quantized = {n for n, m in qat.named_modules() if isinstance(m, QuantLinear)}
@@ -118,7 +123,7 @@ def test_export_parity_at_two_sequence_lengths(minilm, tmp_path, mode):
     x24 = next(iter(test))[0]
     path = qatlab.export_onnx(qat, tmp_path / f"minilm_{mode}.onnx", x24[:1], dynamic_dims={1: "sequence"})
     kernels = qatlab.export.ort_integer_kernels(path)
-    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QGemm", 0) >= 36  # the Linears run as int8
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QGemm", 0) >= 6 * LAYERS  # the blocks' Linears in int8
     for x in (x24, tr.tokenize(list(test_df["text"][:8]), tok, max_length=12)):
         r = qatlab.verify_onnx(qat, path, x, tol_lsb=float("inf"), min_agreement=0.0)
         with torch.no_grad():
@@ -127,14 +132,14 @@ def test_export_parity_at_two_sequence_lengths(minilm, tmp_path, mode):
         assert r["n"] == len(x)
         # 64 requantizations of 8-bit activations: rounding ties that the file's float ops (numpy's or ORT's)
         # break the other way add up to logit differences of the order of the fake-quant error itself (measured
-        # 0.009-0.020 on this tiny fixture, depending on the calibration batches, against a fake-quant error of
+        # 0.009-0.020 with all 6 blocks, depending on the calibration batches, against a fake-quant error of
         # 0.017-0.021), so both are held to 5% of the logit range; dynamic ranges move every run-time scale a
         # little too: 10%. On AVX2 without VNNI, ORT's int16 saturation adds its part (measured 0.031 for static
         # ranges, about 2% of the range): the report says so, saturates_here, naming every Linear at risk.
         spread = (logits.max() - logits.min()).item()
         bound = (0.05 if mode == "static" else 0.1) * spread
         assert r["semantic_max_abs_diff"] < bound and r["max_abs_diff"] < bound
-        assert len(r["layers_at_risk"]) == 36  # every int8 Linear has weight pairs that can overflow int16
+        assert len(r["layers_at_risk"]) == 6 * LAYERS  # every int8 Linear has pairs that can overflow int16
         assert r["saturates_here"] == saturation.cpu_int8().saturates
         # The head here is barely trained (near-tie logits), so agreement is checked where the decision is not a
         # near-tie: tweets whose PyTorch margin exceeds the fake-quant error must get the file's vote too.
@@ -179,9 +184,9 @@ def test_attention_matmuls_quantized_calibrated_and_exported(minilm, tmp_path):
     model, _, train, test, _ = minilm
     plain = qatlab.prepare_qat(model, tr.transformer_config(8, 8))
     qat = qatlab.prepare_qat(model, tr.transformer_config(8, 8))
-    assert tr.quantize_attention(qat) == 6  # one per encoder block
+    assert tr.quantize_attention(qat) == LAYERS  # one per encoder block
     n_plain, n_attn = len(list(qatlab.prepare.quantizers(plain))), len(list(qatlab.prepare.quantizers(qat)))
-    assert n_attn == n_plain + 6 * 4  # query, key, value, probs
+    assert n_attn == n_plain + LAYERS * 4  # query, key, value, probs
     for m in (plain, qat):
         qatlab.data.reseed(train, 0)
         qatlab.calibrate(m, train, num_batches=2)
@@ -205,3 +210,17 @@ def test_attention_matmuls_quantized_calibrated_and_exported(minilm, tmp_path):
     assert abs(exact - b.numpy()).max() < bound and sum(clipped.values()) == 0
     with pytest.raises(ValueError, match="per tensor"):
         tr.quantize_attention(qat, QuantSpec(per_channel=True))
+
+
+@needs_model
+def test_fewer_layers_keep_the_first_pretrained_blocks(minilm):
+    """``layers=2`` (the notebooks' fast mode) is the first two pretrained blocks of MiniLM-L6, unchanged: the
+    same weights as the full model's blocks 0 and 1, the same embeddings, 6 Linears a block (+ pooler, head)."""
+    full, _ = tr.load_minilm(seed=0)
+    short, _ = tr.load_minilm(seed=0, layers=2)
+    assert len(short.hf.bert.encoder.layer) == 2 and len(tr.linear_names(short)) == 2 * 6 + 2
+    full_sd = full.state_dict()
+    for name, value in short.state_dict().items():
+        assert torch.equal(value, full_sd[name]), name  # the head too: the same seed draws it
+    with pytest.raises(ValueError, match=r"layers=7 must be an int in \[1, 6\]"):
+        tr.load_minilm(layers=7)
