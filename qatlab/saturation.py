@@ -157,6 +157,47 @@ def _gather_elements():
     return GatherElements
 
 
+def _conv():
+    from onnx.reference.ops.op_conv import Conv as ReferenceConv
+
+    class Conv(ReferenceConv):
+        """onnx's reference Conv, with its im2col gathered through strided views instead of index arrays: the same
+        column matrix, so the same matrix product and the same numbers (tested bit for bit). The gather was 96% of
+        onnx's Conv time; whole CNN files of notebooks 02 and 03 now run 1.8-2.9x faster. 2-D convolutions
+        without dilation or automatic padding; anything else goes to onnx's own implementation."""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
+                 strides=None):  # fmt: skip
+            group = 1 if group is None else group
+            kernel_shape = tuple(W.shape[2:]) if kernel_shape is None else tuple(kernel_shape)
+            pads = (0, 0, 0, 0) if pads is None else tuple(pads)
+            strides = (1, 1) if strides is None else tuple(strides)
+            if (
+                X.ndim != 4
+                or auto_pad not in (None, "NOTSET")
+                or any(d != 1 for d in (dilations or ()))
+                or kernel_shape != tuple(W.shape[2:])
+                or X.shape[1] != W.shape[1] * group
+                or W.shape[0] % group
+            ):
+                return super()._run(X, W, B, auto_pad, dilations, group, kernel_shape, pads, strides)
+            (kh, kw), (sh, sw) = kernel_shape, strides
+            padded = np.pad(X, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+            windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))[
+                :, :, ::sh, ::sw
+            ]
+            n, c, oh, ow = windows.shape[:4]
+            # rows (channel, kernel row, kernel column), columns (image, output row, output column): onnx's layout
+            cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(group, c // group * kh * kw, n * oh * ow)
+            out = W.reshape(group, W.shape[0] // group, -1) @ cols
+            out = out.reshape(W.shape[0], n, oh, ow).transpose(1, 0, 2, 3)
+            if B is not None:
+                out = out + (B if B.size == 1 else B.reshape(1, -1, 1, 1))
+            return (out.astype(X.dtype),)
+
+    return Conv
+
+
 def _matmul_nbits():
     """ONNX Runtime's contrib op ``com.microsoft.MatMulNBits`` for the reference evaluator, from its spec:
     ``Y = A @ dequant(B)^T``, B (N, k_blocks, block_size * bits / 8) uint8 codes packed low bits first along K,
@@ -208,7 +249,7 @@ def run_reference(
     from onnx.reference import ReferenceEvaluator
 
     proto = _load(path_or_proto)
-    evaluator = ReferenceEvaluator(proto, new_ops=[_gather_elements(), _matmul_nbits(), *new_ops])
+    evaluator = ReferenceEvaluator(proto, new_ops=[_gather_elements(), _conv(), _matmul_nbits(), *new_ops])
     return evaluator.run(list(outputs) if outputs else None, _feeds(proto, inputs))
 
 

@@ -123,7 +123,8 @@ def test_export_parity_at_two_sequence_lengths(minilm, tmp_path, mode):
     x24 = next(iter(test))[0]
     path = qatlab.export_onnx(qat, tmp_path / f"minilm_{mode}.onnx", x24[:1], dynamic_dims={1: "sequence"})
     kernels = qatlab.export.ort_integer_kernels(path)
-    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QGemm", 0) >= 6 * LAYERS  # the blocks' Linears in int8
+    int8_linears = kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QGemm", 0)
+    assert int8_linears >= 6 * LAYERS  # the blocks' Linears run in int8
     for x in (x24, tr.tokenize(list(test_df["text"][:8]), tok, max_length=12)):
         r = qatlab.verify_onnx(qat, path, x, tol_lsb=float("inf"), min_agreement=0.0)
         with torch.no_grad():
