@@ -680,10 +680,12 @@ def test_auto_mode_compiles_only_after_enough_elements(monkeypatch) -> None:
         xi = x.clone().requires_grad_(True)
         y = fake_quant(xi, scale, zp, spec)
         y.backward(up)
-        used.append("fake_quant_formula" in fused._COMPILED)
+        used.append(
+            "fake_quant_masked_formula" in fused._COMPILED
+        )  # clipped STE: output and mask in one pass
         assert torch.equal(y, ref.detach()) and torch.equal(xi.grad, x_ref.grad)
     assert used == [False, False, True]  # two calls' worth of elements, then the compiled kernel
-    assert fused._SEEN[0] == 2 * x.numel() and "fake_quant_formula" in fused._COMPILED
+    assert fused._SEEN[0] == 2 * x.numel() and "fake_quant_masked_formula" in fused._COMPILED
     small = torch.randn(100)
     fake_quant(small, scale, zp, spec)
     assert fused._SEEN[0] == 2 * x.numel()  # small tensors never count: they always take the core ops
