@@ -402,7 +402,7 @@ class _FakeQuant(torch.autograd.Function):
     """The same forward and backward as the custom op, without the custom-op dispatch (about half of the
     per-call cost of a small tensor in eager training). Graph captures (export, torch.compile) use the op.
 
-    With the clipped STE the forward also saves the STE's bool mask and the backward is one multiply instead of
+    With the clipped STE the forward also saves the STE's mask and the backward is one multiply instead of
     recomputing the codes: small tensors (weights, mostly) through torch's ``..._cachemask`` op, large ones
     through one compiled pass that writes both (:func:`fake_quant_masked_formula`).
     """
@@ -411,8 +411,8 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis, ste, grad_factor):  # noqa: D102
         args = (x, scale, zero_point, quant_min, quant_max, axis, ste, grad_factor)
         clipped = ste == _STE_CODE["clipped"] and x.dtype == torch.float32
-        large = fused.use_fused(x, count=True)
-        if clipped and large:  # one compiled pass writes the output and the clipped STE's mask
+        large = clipped and fused.use_fused(x, count=True)  # counted here once; other STEs count in the impl
+        if large:  # one compiled pass writes the output and the clipped STE's mask
             flat = fused.flat_args(x, scale, zero_point, axis, quant_min, quant_max)
             both = fused.call(fake_quant_masked_formula, *flat)
             if both is not None:

@@ -80,7 +80,7 @@ def load_minilm(
 
     Nothing is downloaded: the weights come from the model package and ``HF_HUB_OFFLINE=1`` is set.
     ``layers``: keep only the first ``layers`` of the 6 pretrained encoder blocks (the notebooks' fast mode
-    uses 2: every kind of layer is still there, and exports and steps cost about a third); None keeps all.
+    uses 2: every kind of layer is still there; a W8A8 export took 4.4 s instead of 12.4 s); None keeps all.
     """
     if layers is not None and (not isinstance(layers, int) or not 1 <= layers <= MINILM_LAYERS):
         raise ValueError(

@@ -1,11 +1,12 @@
 """`make run`'s executor: rendered notebooks, summary, failures reported, empty folder handled."""
 
+import json
 import os
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from qatlab.runner import main, output_defects
+from qatlab.runner import STEADY_MALLOC, main, output_defects
 
 
 def _write(path, *sources):
@@ -68,8 +69,6 @@ def test_a_notebook_runs_again_only_when_something_it_depends_on_changed(tmp_pat
 
 
 def test_kernels_get_steady_malloc_settings_unless_set(tmp_path, monkeypatch):
-    from qatlab.runner import STEADY_MALLOC
-
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     _write(nbs / "01_env.ipynb", "import os, json\njson.dump({k: os.environ.get(k) for k in "
@@ -78,8 +77,6 @@ def test_kernels_get_steady_malloc_settings_unless_set(tmp_path, monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")  # the user's own setting wins
     assert main([str(nbs), str(tmp_path / "build"), "--fast"]) == 0
-    import json
-
     seen = json.loads((tmp_path / "build" / "env.json").read_text())
     assert seen == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": "123"}
 
