@@ -2,8 +2,10 @@
 
 For activation-sized tensors (per tensor, 8-bit asymmetric, clipped STE) and a weight-sized one (per channel):
 qatlab's ``fake_quant`` (fused compiled kernels for large tensors), the same with ``QATLAB_COMPILE=0`` (torch's
-core ops), torch's core op called directly with autograd, and the floor: two plain copies of the tensor (one for
-the forward, one for the backward), the least memory traffic a forward and a backward can make. Interleaved
+core ops), torch's core op called directly with autograd, and two references: the floor, two plain copies of the
+tensor (one for the forward, one for the backward: the least memory traffic a forward and a backward can make),
+and ``x * 1`` through autograd (the least any differentiable elementwise op pays: a fresh output, the engine's
+gradient buffer, the fixed cost of a call and of ``backward``). Interleaved
 repetitions, medians; ratios are to the floor. Prints a markdown table, saves build/bench/fake_quant.md.
 Usage: ``python bench/bench_fake_quant.py [--reps N]``.
 """
@@ -39,6 +41,10 @@ def variants(shape: tuple[int, ...], per_channel: bool) -> dict:
         out.copy_(x)
         grad.copy_(up)
 
+    def autograd_floor():  # the least any differentiable elementwise op pays: a multiply through autograd
+        xi = x.detach().requires_grad_(True)
+        (xi * 1.0).backward(up)
+
     def ours():
         xi = x.detach().requires_grad_(True)
         fake_quant(xi, s, z, spec).backward(up)
@@ -58,7 +64,7 @@ def variants(shape: tuple[int, ...], per_channel: bool) -> dict:
         finally:
             os.environ["QATLAB_COMPILE"] = "1"
 
-    return {"floor (2 copies)": floor, "qatlab": ours, "qatlab, QATLAB_COMPILE=0": ours_no_compile,
+    return {"floor (2 copies)": floor, "x * 1 through autograd": autograd_floor, "qatlab": ours, "qatlab, QATLAB_COMPILE=0": ours_no_compile,
             "torch core op": core, "_bytes": x.numel() * 4}  # fmt: skip
 
 

@@ -6,8 +6,8 @@ folder: unchanged notebooks are reused (``runner.notebook_key``), and a notebook
 from the run store. Targets: fresh full mode <= 20 minutes, a second run <= 5 minutes, fast mode <= 180 s.
 
 By default the fast-mode pair is measured now and the full mode is read from ``build/summary.csv`` (the last
-``make run``); ``--full`` measures the full-mode pair too (on a 2-core machine, more than an hour). Prints a
-markdown table, saves build/bench/notebooks.md.
+``make run``); ``--full`` measures the full-mode pair too (on a 2-core machine about two hours: 6,890 s on
+5 December). Prints a markdown table, saves build/bench/notebooks.md.
 Usage: ``python bench/bench_notebooks.py [--full] [--skip-fast]``.
 """
 
