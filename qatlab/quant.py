@@ -420,7 +420,7 @@ class _FakeQuant(torch.autograd.Function):
                 ctx.masked = True
                 ctx.save_for_backward(mask.view(x.shape))
                 return out.view(x.shape)
-        ctx.masked = clipped and not large
+        ctx.masked = clipped  # small, or compiling failed: torch's cachemask op gives the mask
         if not ctx.masked:
             out = _fake_quant_impl(*args)
             _setup_context(ctx, args, out)

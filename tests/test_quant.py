@@ -680,9 +680,8 @@ def test_auto_mode_compiles_only_after_enough_elements(monkeypatch) -> None:
         xi = x.clone().requires_grad_(True)
         y = fake_quant(xi, scale, zp, spec)
         y.backward(up)
-        used.append(
-            "fake_quant_masked_formula" in fused._COMPILED
-        )  # clipped STE: output and mask in one pass
+        # clipped STE: the output and the mask in one compiled pass
+        used.append("fake_quant_masked_formula" in fused._COMPILED)
         assert torch.equal(y, ref.detach()) and torch.equal(xi.grad, x_ref.grad)
     assert used == [False, False, True]  # two calls' worth of elements, then the compiled kernel
     assert fused._SEEN[0] == 2 * x.numel() and "fake_quant_masked_formula" in fused._COMPILED
@@ -710,3 +709,9 @@ def test_a_failed_compile_warns_once_and_falls_back_to_the_core_ops(monkeypatch)
         second = fake_quant(x, scale, zp, spec)
     ref = _torch_fake_quant(x, scale, zp, spec)
     assert torch.equal(first, ref) and torch.equal(second, ref)
+    # the clipped STE's gradient after the failure: torch's cachemask op, as the core op's own backward
+    xi, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    up = torch.randn_like(x)
+    fake_quant(xi, scale, zp, spec).backward(up)
+    _torch_fake_quant(x_ref, scale, zp, spec).backward(up)
+    assert torch.equal(xi.grad, x_ref.grad) and 0 < int((xi.grad == 0).sum()) < x.numel()
